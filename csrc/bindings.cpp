@@ -1,0 +1,31 @@
+// The single registration point of fastalign._C: torch.library ops (schemas here, one implementation per
+// device key) and a few plain pybind11 helpers. Fake (meta) implementations live in Python, next to each op's
+// wrapper, so torch.compile can trace the ops.
+#include "common.h"
+#include "ops.h"
+
+TORCH_LIBRARY(fastalign, m) {
+  m.def("segment_sum(Tensor values, Tensor cu_seqlens) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastalign, CPU, m) {
+  m.impl("segment_sum", &fastalign::segment_sum_cpu);
+}
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(fastalign, CUDA, m) {
+  m.impl("segment_sum", &fastalign::segment_sum_cuda);
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastalign compiled kernels (CPU, and CUDA when built with it)";
+#ifdef WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+  m.def("_set_poison", [](bool on) { fastalign::poison_outputs() = on; },
+        "Fill fresh outputs with NaN (tests only).");
+  m.def("_get_poison", []() { return fastalign::poison_outputs(); });
+}
