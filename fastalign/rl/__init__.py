@@ -1,0 +1,1 @@
+"""RL math for PPO-style training: advantage estimators, KL estimators, whitening."""
