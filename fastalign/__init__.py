@@ -6,6 +6,7 @@ implementations unavailable (``python -m fastalign.env`` says which and why).
 
 from fastalign._backend import ImplUnavailableError, availability, resolve_impl
 from fastalign._version import __version__
+from fastalign.ops.gae import discounted_returns, gae
 from fastalign.ops.logprobs import linear_logprobs
 from fastalign.ops.segment_sum import segment_sum
 
@@ -13,6 +14,8 @@ __all__ = [
     "ImplUnavailableError",
     "__version__",
     "availability",
+    "discounted_returns",
+    "gae",
     "linear_logprobs",
     "resolve_impl",
     "segment_sum",
