@@ -83,9 +83,10 @@ def _block(max_len: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(max(1, max_len))))
 
 
-def gae_fwd(rewards, values, mask, cu_seqlens, bootstrap, gamma: float, lam: float):
+def gae_fwd(rewards, values, mask, cu_seqlens, bootstrap, gamma: float, lam: float, block: int | None = None):
     """``(advantages, returns)`` in float32; ``returns`` is None when ``values`` is None (discounted returns are
-    then ``advantages``). Inputs contiguous; ``mask`` bool or None; ``bootstrap`` float32 or None."""
+    then ``advantages``). Inputs contiguous; ``mask`` bool or None; ``bootstrap`` float32 or None. ``block``
+    overrides the tile length (a power of two; tests use it to chain many tiles on short sequences)."""
     adv = new_output(rewards.shape, dtype=torch.float32, device=rewards.device)
     ret = new_output(rewards.shape, dtype=torch.float32, device=rewards.device) if values is not None else None
     if cu_seqlens is not None:
@@ -97,6 +98,7 @@ def gae_fwd(rewards, values, mask, cu_seqlens, bootstrap, gamma: float, lam: flo
         bt = _block(T)
     if rewards.numel() == 0:
         return adv, ret
+    bt = block or bt
     dummy = adv
     gae_kernel[(S,)](
         rewards, values if values is not None else dummy,
