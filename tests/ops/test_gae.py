@@ -7,12 +7,16 @@ from fastalign import discounted_returns, gae
 from fastalign.ops.gae import naive
 from fastalign.testing import assert_close_to_ref
 
-IMPLS = ["torch", "triton", "cpp", pytest.param("cuda", marks=pytest.mark.gpu)]
+# "triton@cuda" is the Triton impl on a GPU; plain "triton" runs under the interpreter on the CPU.
+IMPLS = ["torch", "triton", "cpp"] + [pytest.param(i, marks=pytest.mark.gpu) for i in ("cuda", "triton@cuda")]
 GPU_IMPLS = [pytest.param(i, marks=pytest.mark.gpu) for i in ("triton", "cuda")]
 
 
 def _dev(impl):
-    return "cuda" if impl == "cuda" else "cpu"
+    """``(impl name, device)`` of a parametrized impl."""
+    if impl == "triton@cuda":
+        return "triton", "cuda"
+    return impl, "cuda" if impl == "cuda" else "cpu"
 
 
 def _mask(kind, B, T, device):
@@ -60,7 +64,7 @@ def _check(impl, rewards, values, mask=None, cu=None, bootstrap=None, gamma=0.97
 @pytest.mark.parametrize("kind", ["none", "right", "left", "holes"])
 @pytest.mark.parametrize("B, T", [(1, 1), (3, 37), (2, 130)])
 def test_padded_matches_reference(impl, kind, B, T, impl_on):
-    device = _dev(impl)
+    impl, device = _dev(impl)
     impl_on(impl, device)
     r, v = torch.randn(B, T, device=device), torch.randn(B, T, device=device)
     _check(impl, r, v, mask=_mask(kind, B, T, device))
@@ -69,7 +73,7 @@ def test_padded_matches_reference(impl, kind, B, T, impl_on):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_low_precision_and_float64_inputs(impl, dtype, impl_on):
-    device = _dev(impl)
+    impl, device = _dev(impl)
     impl_on(impl, device)
     r, v = torch.randn(3, 40, device=device, dtype=dtype), torch.randn(3, 40, device=device, dtype=dtype)
     _check(impl, r, v, mask=_mask("holes", 3, 40, device), bootstrap=torch.randn(3, device=device, dtype=dtype))
@@ -78,7 +82,7 @@ def test_low_precision_and_float64_inputs(impl, dtype, impl_on):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("lengths", [[1], [0], [3, 0, 50, 1, 7], [0, 0], []])
 def test_packed_matches_reference(impl, lengths, impl_on):
-    device = _dev(impl)
+    impl, device = _dev(impl)
     impl_on(impl, device)
     N = sum(lengths)
     r, v = torch.randn(N, device=device), torch.randn(N, device=device)
@@ -88,7 +92,7 @@ def test_packed_matches_reference(impl, lengths, impl_on):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("gamma, lam", [(1.0, 1.0), (0.0, 0.5), (0.9, 0.0), (0.99, 0.95)])
 def test_bootstrap_and_extreme_coefficients(impl, gamma, lam, impl_on):
-    device = _dev(impl)
+    impl, device = _dev(impl)
     impl_on(impl, device)
     r, v = torch.randn(4, 23, device=device), torch.randn(4, 23, device=device)
     _check(impl, r, v, mask=_mask("left", 4, 23, device), bootstrap=torch.randn(4, device=device), gamma=gamma,
@@ -128,7 +132,7 @@ def test_long_sequences(impl, impl_on):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_hand_derived_values(impl, impl_on):
-    device = _dev(impl)
+    impl, device = _dev(impl)
     impl_on(impl, device)
     r = torch.tensor([[1.0, 2.0, 3.0]], device=device)
     v = torch.tensor([[0.5, 1.0, 1.5]], device=device)
@@ -195,7 +199,7 @@ def test_agrees_with_trl_and_verl_loops(impl, impl_on):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_discounted_returns_is_gae_with_lam_1_and_zero_values(impl, impl_on):
-    device = _dev(impl)
+    impl, device = _dev(impl)
     impl_on(impl, device)
     r, m, boot = torch.randn(3, 20, device=device), _mask("holes", 3, 20, device), torch.randn(3, device=device)
     g = discounted_returns(r, mask=m, gamma=0.9, bootstrap=boot, impl=impl)
@@ -206,7 +210,7 @@ def test_discounted_returns_is_gae_with_lam_1_and_zero_values(impl, impl_on):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_nan_reward_propagates_to_earlier_valid_tokens_of_its_sequence_only(impl, impl_on):
-    device = _dev(impl)
+    impl, device = _dev(impl)
     impl_on(impl, device)
     r, v = torch.randn(3, 12, device=device), torch.randn(3, 12, device=device)
     m = torch.ones(3, 12, dtype=torch.bool, device=device)
