@@ -328,3 +328,30 @@ def test_gpu_path_needs_no_host_sync(impl, impl_on):
         discounted_returns(r, mask=m, gamma=0.9, impl=impl)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+def test_property_random_layouts_and_coefficients(impl, impl_on):
+    """Hypothesis over shapes, masks, packing, coefficients and bootstrap (small: Triton runs interpreted)."""
+    impl_on(impl, "cpu")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=25 if impl == "cpp" else 8, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(B=st.integers(1, 4), T=st.integers(1, 40), packed=st.booleans(), boot=st.booleans(),
+           gamma=st.floats(0, 1), lam=st.floats(0, 1), seed=st.integers(0, 2**16))
+    def check(B, T, packed, boot, gamma, lam, seed):
+        g = torch.Generator().manual_seed(seed)
+        bootstrap = torch.randn(B, generator=g) if boot else None
+        if packed:
+            lengths = torch.randint(0, T + 1, (B,), generator=g).tolist()
+            N = sum(lengths)
+            r, v = torch.randn(N, generator=g), torch.randn(N, generator=g)
+            _check(impl, r, v, cu=_offsets(lengths, "cpu"), bootstrap=bootstrap, gamma=gamma, lam=lam)
+        else:
+            r, v = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+            m = torch.rand(B, T, generator=g) > 0.3
+            _check(impl, r, v, mask=m, bootstrap=bootstrap, gamma=gamma, lam=lam)
+
+    check()

@@ -96,3 +96,14 @@ def test_rl_gae_whitens_the_op_output():
     vals = adv64[m]
     assert_close_to_ref(adv, torch.where(m, (adv64 - vals.mean()) / (vals.var() + 1e-8).sqrt(), 0.0), atol=1e-5)
     assert_close_to_ref(ret, ret64, atol=1e-5)
+
+
+def test_identical_scores_and_singletons_give_zero_advantage_and_finite_grads():
+    s = torch.tensor([1.0, 1.0, 1.0, 2.0, 5.0, 3.0], requires_grad=True)
+    ids = torch.tensor([0, 0, 0, 1, 2, 2])
+    for fn in (rl.grpo, rl.rloo, rl.dr_grpo):
+        out = fn(s, group_ids=ids)
+        assert (out[:4] == 0).all()
+        out.sum().backward()
+        assert torch.isfinite(s.grad).all()
+        s.grad = None
