@@ -24,7 +24,8 @@ def _mask(kind, B, T, device):
     if kind == "none":
         return None
     lengths = torch.randint(0, T + 1, (B,))
-    lengths[0] = T
+    if B > 0:
+        lengths[0] = T
     if B > 1:
         lengths[1] = 0
     pos = torch.arange(T)[None, :]
@@ -62,7 +63,7 @@ def _check(impl, rewards, values, mask=None, cu=None, bootstrap=None, gamma=0.97
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["none", "right", "left", "holes"])
-@pytest.mark.parametrize("B, T", [(1, 1), (3, 37), (2, 130)])
+@pytest.mark.parametrize("B, T", [(1, 1), (3, 37), (2, 130), (2, 0), (0, 5)])
 def test_padded_matches_reference(impl, kind, B, T, impl_on):
     impl, device = _dev(impl)
     impl_on(impl, device)
@@ -236,6 +237,16 @@ def test_mask_dtypes_are_equivalent(impl, impl_on):
     for mm in (m.float(), m.long(), m.to(torch.uint8)):
         for a, b in zip(gae(r, v, mask=mm, impl=impl), expected):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+def test_non_contiguous_inputs_and_int64_offsets(impl, impl_on):
+    impl_on(impl, "cpu")
+    r, v = torch.randn(20, 3).T, torch.randn(20, 3).T  # [3, 20], transposed views
+    m = (torch.rand(20, 3) > 0.3).T
+    _check(impl, r, v, mask=m, bootstrap=torch.randn(6)[::2])
+    x, y = torch.randn(40)[::2], torch.randn(40)[::2]
+    _check(impl, x, y, cu=torch.tensor([0, 7, 7, 20], dtype=torch.int64))
 
 
 def test_mixed_input_dtypes_are_promoted(impl_on):
