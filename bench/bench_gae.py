@@ -154,6 +154,18 @@ def main():
         if not args.quick:
             for T in (256, 1024, 8192):
                 bench_shape(256 if T <= 2048 else 64, T, device, rows)
+        # A probe of the machine, not of fastalign: torch's own parallel elementwise add on the same shape.
+        a, b = torch.randn(256, 2048), torch.randn(256, 2048)
+        probe = {}
+        for th in (torch.get_num_threads(), 1):
+            before = torch.get_num_threads()
+            torch.set_num_threads(th)
+            probe[th] = median_time_ms(lambda: a + b, reps=20)
+            torch.set_num_threads(before)
+        notes.append("Fork-join probe (torch's own `a + b` on [256, 2048]): " +
+                     ", ".join(f"{th} thread(s) {ms:.3f} ms" for th, ms in probe.items()) +
+                     ". When the multi-thread figure is far above the single-thread one, the machine is "
+                     "oversubscribed and every OpenMP parallel region waits for descheduled threads.")
         head = {r["provider"]: r for r in rows if r["B"] == 256 and r["T"] == 2048}
         for name in ("fastalign_cpp", "fastalign_cpp_1thread"):
             if name in head:
