@@ -1,9 +1,10 @@
 // GAE and discounted returns on the CPU: parallel over sequences, one tight reverse loop per sequence with the
 // state (next advantage, next value) in registers, in float32 whatever the input dtype.
 //
-// The recurrence is serial in time, so the loop cannot be vectorized along a sequence; across sequences the
-// padded layout is row-major (rows T apart), so SIMD over rows would need gathers. The scalar loop runs at
-// about one multiply-add chain per token, far from the memory bound only on very short sequences.
+// The recurrence is serial in time: one sequence alone runs at the latency of its multiply-add chain. In the
+// padded layout, where all rows have length T, kLanes rows are walked in lockstep (independent chains the core
+// overlaps; masked positions handled by selects, not branches). Packed sequences of different lengths, and
+// the rows left over, take the one-sequence loop.
 #include <ATen/Parallel.h>
 
 #include "common.h"
@@ -33,6 +34,43 @@ inline void gae_sequence(const scalar_t* r, const scalar_t* v, const bool* m, in
     next_adv = a;
     next_value = vt;
   }
+}
+
+// kLanes rows of a padded batch (row j at offset j * T), in lockstep; same arithmetic as gae_sequence.
+template <typename scalar_t, int kLanes, bool HAS_VALUES, bool HAS_MASK, bool HAS_RET>
+inline void gae_rows(const scalar_t* r, const scalar_t* v, const bool* m, int64_t T, const float* boot,
+                     float gamma, float lam, float* adv, float* ret) {
+  const float gl = gamma * lam;
+  float next_value[kLanes], next_adv[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    next_value[j] = boot != nullptr ? boot[j] : 0.0f;
+    next_adv[j] = 0.0f;
+  }
+  for (int64_t t = T - 1; t >= 0; --t) {
+#pragma GCC unroll 8
+    for (int j = 0; j < kLanes; ++j) {
+      const int64_t i = j * T + t;
+      const bool valid = !HAS_MASK || m[i];
+      const float vt = HAS_VALUES ? static_cast<float>(v[i]) : 0.0f;
+      const float delta = static_cast<float>(r[i]) + gamma * next_value[j] - vt;
+      const float a = delta + gl * next_adv[j];
+      adv[i] = valid ? a : 0.0f;
+      if (HAS_RET) ret[i] = valid ? a + vt : 0.0f;
+      next_adv[j] = valid ? a : next_adv[j];
+      next_value[j] = valid ? vt : next_value[j];
+    }
+  }
+}
+
+template <typename scalar_t, int kLanes>
+inline void gae_rows_dispatch(const scalar_t* r, const scalar_t* v, const bool* m, int64_t T, const float* boot,
+                              float gamma, float lam, float* adv, float* ret) {
+  if (v != nullptr && ret != nullptr) {
+    if (m != nullptr) return gae_rows<scalar_t, kLanes, true, true, true>(r, v, m, T, boot, gamma, lam, adv, ret);
+    return gae_rows<scalar_t, kLanes, true, false, true>(r, v, m, T, boot, gamma, lam, adv, ret);
+  }
+  if (m != nullptr) return gae_rows<scalar_t, kLanes, false, true, false>(r, v, m, T, boot, gamma, lam, adv, ret);
+  return gae_rows<scalar_t, kLanes, false, false, false>(r, v, m, T, boot, gamma, lam, adv, ret);
 }
 
 }  // namespace
@@ -122,8 +160,20 @@ void gae_cpu_impl(const at::Tensor& rewards, const c10::optional<at::Tensor>& va
     const acc_t* p_boot = boot.defined() ? boot.data_ptr<acc_t>() : nullptr;
     acc_t* p_adv = adv.data_ptr<acc_t>();
     acc_t* p_ret = ret != nullptr ? ret->data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, S, std::max<int64_t>(1, 16384 / avg_len), [&](int64_t begin, int64_t end) {
-      for (int64_t s = begin; s < end; ++s) {
+    at::parallel_for(0, S, std::max<int64_t>(8, 16384 / avg_len), [&](int64_t begin, int64_t end) {
+      constexpr int kLanes = 8;
+      int64_t s = begin;
+      if (p_cu == nullptr) {
+        for (; s + kLanes <= end; s += kLanes) {
+          const int64_t off = s * T;
+          gae_rows_dispatch<scalar_t, kLanes>(p_r + off, p_v != nullptr ? p_v + off : nullptr,
+                                              p_m != nullptr ? p_m + off : nullptr, T,
+                                              p_boot != nullptr ? p_boot + s : nullptr, static_cast<float>(gamma),
+                                              static_cast<float>(lam), p_adv + off,
+                                              p_ret != nullptr ? p_ret + off : nullptr);
+        }
+      }
+      for (; s < end; ++s) {
         const int64_t off = p_cu != nullptr ? p_cu[s] : s * T;
         const int64_t L = p_cu != nullptr ? p_cu[s + 1] - p_cu[s] : T;
         gae_sequence<scalar_t, acc_t>(p_r + off, p_v != nullptr ? p_v + off : nullptr,

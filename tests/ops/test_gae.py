@@ -63,7 +63,7 @@ def _check(impl, rewards, values, mask=None, cu=None, bootstrap=None, gamma=0.97
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["none", "right", "left", "holes"])
-@pytest.mark.parametrize("B, T", [(1, 1), (3, 37), (2, 130), (2, 0), (0, 5)])
+@pytest.mark.parametrize("B, T", [(1, 1), (9, 37), (2, 130), (2, 0), (0, 5)])
 def test_padded_matches_reference(impl, kind, B, T, impl_on):
     impl, device = _dev(impl)
     impl_on(impl, device)
@@ -123,8 +123,8 @@ def test_triton_chains_many_tiles(impl_on):
 def test_long_sequences(impl, impl_on):
     device = "cpu" if impl == "cpp" else "cuda"
     impl_on(impl, device)
-    r, v = torch.randn(4, 8192, device=device), torch.randn(4, 8192, device=device)
-    _check(impl, r, v, mask=_mask("right", 4, 8192, device), bootstrap=torch.randn(4, device=device),
+    r, v = torch.randn(9, 8192, device=device), torch.randn(9, 8192, device=device)
+    _check(impl, r, v, mask=_mask("right", 9, 8192, device), bootstrap=torch.randn(9, device=device),
            gamma=0.999, lam=0.98)
     lengths = [8192, 1, 5000, 0, 3000]
     x, y = torch.randn(sum(lengths), device=device), torch.randn(sum(lengths), device=device)
@@ -366,3 +366,16 @@ def test_property_random_layouts_and_coefficients(impl, impl_on):
             _check(impl, r, v, mask=m, bootstrap=bootstrap, gamma=gamma, lam=lam)
 
     check()
+
+
+def test_cpp_lockstep_rows_and_single_rows_agree(impl_on):
+    """The padded cpp path walks 8 rows in lockstep and the rest one by one: both give the same bits."""
+    impl_on("cpp", "cpu")
+    r, v, m, boot = torch.randn(19, 33), torch.randn(19, 33), _mask("holes", 19, 33, "cpu"), torch.randn(19)
+    adv, ret = gae(r, v, mask=m, bootstrap=boot, gamma=0.9, lam=0.8, impl="cpp")
+    for b in (0, 9, 18):  # in a lockstep group, in another, and a leftover row
+        a1, r1 = gae(r[b:b + 1], v[b:b + 1], mask=m[b:b + 1], bootstrap=boot[b:b + 1], gamma=0.9, lam=0.8, impl="cpp")
+        assert torch.equal(a1[0], adv[b]) and torch.equal(r1[0], ret[b])
+    g = discounted_returns(r, mask=m, bootstrap=boot, gamma=0.9, impl="cpp")
+    assert torch.equal(discounted_returns(r[18:], mask=m[18:], bootstrap=boot[18:], gamma=0.9, impl="cpp")[0], g[18])
+    assert torch.equal(discounted_returns(r[:8], mask=m[:8], bootstrap=boot[:8], gamma=0.9, impl="cpp")[3], g[3])
