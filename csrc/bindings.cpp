@@ -6,15 +6,23 @@
 
 TORCH_LIBRARY(fastalign, m) {
   m.def("segment_sum(Tensor values, Tensor cu_seqlens) -> Tensor");
+  m.def("gae(Tensor rewards, Tensor values, Tensor? mask, Tensor? cu_seqlens, Tensor? bootstrap, float gamma, "
+        "float lam) -> (Tensor, Tensor)");
+  m.def("discounted_returns(Tensor rewards, Tensor? mask, Tensor? cu_seqlens, Tensor? bootstrap, float gamma) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastalign, CPU, m) {
   m.impl("segment_sum", &fastalign::segment_sum_cpu);
+  m.impl("gae", &fastalign::gae_cpu);
+  m.impl("discounted_returns", &fastalign::discounted_returns_cpu);
 }
 
 #ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(fastalign, CUDA, m) {
   m.impl("segment_sum", &fastalign::segment_sum_cuda);
+  m.impl("gae", &fastalign::gae_cuda);
+  m.impl("discounted_returns", &fastalign::discounted_returns_cuda);
 }
 #endif
 

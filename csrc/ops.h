@@ -12,4 +12,26 @@ at::Tensor segment_sum_cpu(const at::Tensor& values, const at::Tensor& cu_seqlen
 at::Tensor segment_sum_cuda(const at::Tensor& values, const at::Tensor& cu_seqlens);
 #endif
 
+// gae(rewards, values, mask?, cu_seqlens?, bootstrap?, gamma, lam) -> (advantages, returns);
+// discounted_returns(rewards, mask?, cu_seqlens?, bootstrap?, gamma) -> returns
+int64_t check_gae_args(const at::Tensor& rewards, const c10::optional<at::Tensor>& values,
+                       const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& cu_seqlens,
+                       const c10::optional<at::Tensor>& bootstrap, double gamma, double lam);
+std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
+                                           const c10::optional<at::Tensor>& mask,
+                                           const c10::optional<at::Tensor>& cu_seqlens,
+                                           const c10::optional<at::Tensor>& bootstrap, double gamma, double lam);
+at::Tensor discounted_returns_cpu(const at::Tensor& rewards, const c10::optional<at::Tensor>& mask,
+                                  const c10::optional<at::Tensor>& cu_seqlens,
+                                  const c10::optional<at::Tensor>& bootstrap, double gamma);
+#ifdef WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
+                                            const c10::optional<at::Tensor>& mask,
+                                            const c10::optional<at::Tensor>& cu_seqlens,
+                                            const c10::optional<at::Tensor>& bootstrap, double gamma, double lam);
+at::Tensor discounted_returns_cuda(const at::Tensor& rewards, const c10::optional<at::Tensor>& mask,
+                                   const c10::optional<at::Tensor>& cu_seqlens,
+                                   const c10::optional<at::Tensor>& bootstrap, double gamma);
+#endif
+
 }  // namespace fastalign

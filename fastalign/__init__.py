@@ -6,6 +6,8 @@ implementations unavailable (``python -m fastalign.env`` says which and why).
 
 from fastalign._backend import ImplUnavailableError, availability, resolve_impl
 from fastalign._version import __version__
+from fastalign.losses.ppo import fused_linear_ppo_loss, ppo_policy_loss, ppo_value_loss
+from fastalign.ops.gae import discounted_returns, gae
 from fastalign.ops.logprobs import linear_logprobs
 from fastalign.ops.segment_sum import segment_sum
 
@@ -13,7 +15,12 @@ __all__ = [
     "ImplUnavailableError",
     "__version__",
     "availability",
+    "discounted_returns",
+    "fused_linear_ppo_loss",
+    "gae",
     "linear_logprobs",
+    "ppo_policy_loss",
+    "ppo_value_loss",
     "resolve_impl",
     "segment_sum",
 ]
