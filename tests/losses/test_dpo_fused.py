@@ -151,6 +151,10 @@ def test_module_matches_functional_and_keeps_bco_state():
         expected, _ = dpo_loss(sums[:B], sums[B:], ref_sums[:B], ref_sums[B:], beta=0.2,
                                loss_type=["bco_pair", "sigmoid"], loss_weights=[1.0, 0.3], bco_state=state)
     assert_close_to_ref(got, expected, atol=1e-5)
+    resumed = FusedLinearDPOLoss(beta=0.2, loss_type=["bco_pair", "sigmoid"], loss_weights=[1.0, 0.3])
+    resumed.load_state_dict(module.state_dict())
+    assert resumed.bco_state.count == 2
+    assert float(resumed.bco_state.mean) == float(module.bco_state.mean)
 
 
 def test_reference_is_evaluated_without_grad():
