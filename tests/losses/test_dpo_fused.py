@@ -4,6 +4,8 @@ import inspect
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastalign import FusedLinearDPOLoss, dpo_loss, fused_linear_dpo_loss
 from fastalign.ops.logprobs.api import IMPLS
@@ -269,3 +271,33 @@ def test_logit_processing_and_impl_pass_through(monkeypatch):
                                     ref_bias=ref[2], impl="torch", **opts, **LOSS)
     assert_close_to_ref(loss, expected, atol=1e-12)
     assert seen == ["torch", "torch"]
+
+
+@settings(max_examples=12, deadline=None)
+@given(pairs=st.integers(1, 3), T=st.integers(1, 6), packed=st.booleans(), seed=st.integers(0, 2**31 - 1),
+       loss_type=st.sampled_from(["sigmoid", "ipo", "aot", "bco_pair", "simpo"]))
+def test_property_fused_equals_naive_over_shapes(pairs, T, packed, seed, loss_type):
+    g = torch.Generator().manual_seed(seed)
+    S, Dh, Vh = 2 * pairs, 5, 11
+    lengths = torch.randint(1, T + 1, (S,), generator=g) if packed else torch.full((S,), T)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    labels = torch.randint(0, Vh, (int(cu[-1]),), generator=g)
+    for a, n in zip(cu[:-1].tolist(), lengths.tolist()):  # a prompt of up to n-1 tokens: >= 1 completion token
+        labels[a:a + int(torch.randint(0, n, (), generator=g))] = -100
+    hidden = torch.randn(int(cu[-1]), Dh, generator=g, dtype=torch.float64)
+    weight, ref_weight = (torch.randn(Vh, Dh, generator=g, dtype=torch.float64) for _ in range(2))
+    if not packed:
+        hidden, labels = hidden.reshape(S, T, Dh), labels.reshape(S, T)
+    cu_arg = cu if packed else None
+    opts = dict(beta=0.5, loss_type=loss_type)
+    ref = {} if loss_type == "simpo" else dict(ref_hidden=hidden, ref_weight=ref_weight)
+    loss, _ = fused_linear_dpo_loss(hidden, weight, labels, cu_seqlens=cu_arg, **ref, **opts)
+    sums, n = naive_sequence_logps(hidden.reshape(-1, Dh), weight, None, labels.reshape(-1), cu)
+    B_ = pairs
+    if ref:
+        ref_sums, _ = naive_sequence_logps(hidden.reshape(-1, Dh), ref_weight, None, labels.reshape(-1), cu)
+        rc, rr = ref_sums[:B_], ref_sums[B_:]
+    else:
+        rc = rr = None
+    expected, _ = dpo_loss(sums[:B_], sums[B_:], rc, rr, chosen_lengths=n[:B_], rejected_lengths=n[B_:], **opts)
+    assert_close_to_ref(loss, expected, atol=1e-12)
