@@ -1,0 +1,373 @@
+"""The DPO family of preference losses on per-sequence log-probabilities.
+
+:func:`dpo_loss` replaces the ``dpo_loss`` method of TRL's ``DPOTrainer`` (every ``DPOConfig.loss_type``, combined
+with weights) and the reference-free losses of TRL's ``CPOTrainer`` / ``ORPOTrainer`` (SimPO, CPO, ORPO). It takes
+per-sequence log-probabilities (sums over the completion tokens, or their per-token averages), so it works with
+any way of computing them; :func:`fastalign.fused_linear_dpo_loss` computes them from hidden states without logits.
+
+Notation used in the docstrings: ``pi_c, pi_r`` are the policy's log-probabilities of the chosen and rejected
+completions, ``ref_c, ref_r`` the reference model's, ``|y_c|, |y_r|`` the completion lengths (tokens),
+``l_c = pi_c - ref_c`` and ``l_r = pi_r - ref_r`` the log-ratios, ``d = l_c - l_r``, ``b`` = ``beta``,
+``e`` = ``label_smoothing``, ``s`` the logistic sigmoid and ``log s`` its logarithm.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fastalign._utils import FLOAT_DTYPES, check_same_device, check_tensor
+
+# Formula and source of every loss type; also the docstring table and the order of the error message.
+LOSS_FORMULAS = {
+    "sigmoid": ("-(1-e) log s(b d) - e log s(-b d)",
+                "DPO, Rafailov et al. 2023 (arXiv:2305.18290); e > 0 is conservative DPO (cDPO), Mitchell 2023"),
+    "hinge": ("relu(1 - b d)", "SLiC-HF, Zhao et al. 2023 (arXiv:2305.10425)"),
+    "ipo": ("(d_avg - 1/(2b))^2, on length-averaged log-ratios d_avg = l_c/|y_c| - l_r/|y_r|",
+            "IPO, Azar et al. 2023 (arXiv:2310.12036), eq. 17"),
+    "exo_pair": ("s(b d) (log s(b d) - log(1-e)) + s(-b d) (log s(-b d) - log e), e = 1e-3 when 0",
+                 "EXO, Ji et al. 2024 (arXiv:2402.00856), eq. 16"),
+    "nca_pair": ("-log s(b l_c) - 0.5 log s(-b l_c) - 0.5 log s(-b l_r)",
+                 "NCA, Chen et al. 2024 (arXiv:2402.05369)"),
+    "robust": ("(-(1-e) log s(b d) + e log s(-b d)) / (1 - 2e)",
+               "Robust DPO, Chowdhury et al. 2024 (arXiv:2403.00409)"),
+    "bco_pair": ("-log s(b l_c - delta) - log s(-(b l_r - delta)), delta = running mean of the batch mean "
+                 "reward mean(b l_c, b l_r)", "BCO, Jung et al. 2024 (arXiv:2404.04656)"),
+    "sppo_hard": ("(l_c - 1/(2b))^2 + (l_r + 1/(2b))^2",
+                  "SPPO with hard win probabilities, Wu et al. 2024 (arXiv:2405.00675)"),
+    "aot": ("sigmoid loss of sort(pi_c - pi_r) - sort(ref_c - ref_r) (sorted over the batch)",
+            "AOT, Melnyk et al. 2024 (arXiv:2406.05882)"),
+    "aot_unpaired": ("sigmoid loss of sort(l_c) - sort(l_r) (sorted over the batch)",
+                     "AOT (unpaired), Melnyk et al. 2024 (arXiv:2406.05882)"),
+    "apo_zero": ("1 - s(b l_c) + s(b l_r)", "APO-zero, D'Oosterlinck et al. 2024 (arXiv:2408.06266), eq. 7"),
+    "apo_down": ("s(b l_c) + 1 - s(b d)", "APO-down, D'Oosterlinck et al. 2024 (arXiv:2408.06266), eq. 8"),
+    "discopop": ("(1 - m) (-log s(b d)) + m exp(-b d), m = s(b d / tau)",
+                 "DiscoPOP (log-ratio modulated loss), Lu et al. 2024 (arXiv:2406.08414), eq. 5"),
+    "sft": ("NLL = -sum(pi_c) / sum(|y_c|), the mean negative log-likelihood of the chosen tokens",
+            "the NLL term of RPO, Pang et al. 2024 (arXiv:2404.19733)"),
+    "sigmoid_norm": ("-log s(b (l_c/|y_c| - l_r/|y_r|))", "length-normalized DPO, as in TRL"),
+    "simpo": ("-(1-e) log s(b (pi_c/|y_c| - pi_r/|y_r|) - gamma) - e log s(-(...)), reference-free",
+              "SimPO, Meng et al. 2024 (arXiv:2405.14734), eq. 6"),
+    "cpo": ("-(1-e) log s(b (pi_c - pi_r)) - e log s(-b (pi_c - pi_r)) + cpo_alpha NLL, reference-free",
+            "CPO, Xu et al. 2024 (arXiv:2401.08417), eq. 6"),
+    "orpo": ("NLL - b log s(log odds(y_c) - log odds(y_r)), odds(y) = P/(1-P), P = exp(pi/|y|), reference-free",
+             "ORPO, Hong et al. 2024 (arXiv:2403.07691), eqs. 6-7; b is the paper's lambda"),
+}
+LOSS_TYPES = tuple(LOSS_FORMULAS)
+# Types that read no reference log-probabilities.
+REFERENCE_FREE = ("sft", "simpo", "cpo", "orpo")
+# Types that need per-token averages (lengths, unless the log-probabilities are averages already).
+NEEDS_AVERAGES = ("ipo", "sigmoid_norm", "simpo", "orpo")
+# Types that include the NLL of the chosen completions.
+NEEDS_NLL = ("sft", "cpo", "orpo")
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class DPOLossParams:
+    """The non-tensor options of :func:`dpo_loss`, validated once (see :meth:`make`)."""
+
+    beta: float = 0.1
+    loss_type: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] = (1.0,)
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+    discopop_tau: float = 0.05
+    average_log_prob: bool = False
+
+    @classmethod
+    def make(cls, *, beta=0.1, loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, simpo_gamma=0.5,
+             cpo_alpha=1.0, discopop_tau=0.05, average_log_prob=False) -> DPOLossParams:
+        """Validate the options (raising ``TypeError``/``ValueError`` naming the argument) and freeze them."""
+        beta = _number(beta, "beta")
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0; got {beta}")
+        types = (loss_type,) if isinstance(loss_type, str) else loss_type
+        if not isinstance(types, (list, tuple)) or not types:
+            raise TypeError(f"loss_type must be a string or a non-empty list of strings; got {loss_type!r}")
+        for t in types:
+            if t not in LOSS_FORMULAS:
+                raise ValueError(f"loss_type {t!r} is unknown; valid loss types are {', '.join(LOSS_TYPES)}")
+        if len(set(types)) != len(types):
+            raise ValueError(f"loss_type must not repeat a type; got {list(types)}")
+        if loss_weights is None:
+            weights = (1.0,) * len(types)
+        else:
+            if isinstance(loss_weights, numbers.Real):
+                loss_weights = [loss_weights]
+            weights = tuple(_number(w, "loss_weights") for w in loss_weights)
+            if len(weights) != len(types):
+                raise ValueError(f"loss_weights must have one weight per loss type ({len(types)}: {list(types)}); "
+                                 f"got {len(weights)}")
+        label_smoothing = _number(label_smoothing, "label_smoothing")
+        if "robust" in types and not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5) with loss_type robust; got {label_smoothing}")
+        if not 0.0 <= label_smoothing <= 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5]; got {label_smoothing}")
+        discopop_tau = _number(discopop_tau, "discopop_tau")
+        if discopop_tau <= 0:
+            raise ValueError(f"discopop_tau must be > 0; got {discopop_tau}")
+        return cls(beta=beta, loss_type=tuple(types), loss_weights=weights, label_smoothing=label_smoothing,
+                   simpo_gamma=_number(simpo_gamma, "simpo_gamma"), cpo_alpha=_number(cpo_alpha, "cpo_alpha"),
+                   discopop_tau=discopop_tau, average_log_prob=bool(average_log_prob))
+
+    @property
+    def needs_reference(self) -> bool:
+        return any(t not in REFERENCE_FREE for t in self.loss_type)
+
+
+class BCORunningMean:
+    """The shift ``delta`` of ``bco_pair``: the running mean of each batch's mean reward (TRL's ``RunningMoments``).
+
+    Keep one instance for a training run and pass it to every :func:`dpo_loss` call (``bco_state=``); each call
+    first folds its batch mean ``mean(beta * l_c, beta * l_r)`` (no gradient) in, then uses the updated mean.
+    Without a state, ``delta`` is the current batch's mean. Single-process: it does not all-reduce.
+    """
+
+    def __init__(self):
+        self.mean: torch.Tensor | None = None
+        self.count = 0
+
+    def update(self, batch_mean: torch.Tensor) -> torch.Tensor:
+        batch_mean = batch_mean.detach()
+        self.count += 1
+        self.mean = batch_mean if self.mean is None else self.mean + (batch_mean - self.mean) / self.count
+        return self.mean
+
+    def state_dict(self) -> dict:
+        return {"mean": None if self.mean is None else float(self.mean), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean = None if state["mean"] is None else torch.tensor(state["mean"], dtype=torch.float64)
+        self.count = int(state["count"])
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate on both sides of ``-log 2``."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _smoothed_sigmoid(z: torch.Tensor, e: float) -> torch.Tensor:
+    return -(1 - e) * F.logsigmoid(z) - e * F.logsigmoid(-z) if e else -F.logsigmoid(z)
+
+
+def _check_logps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                 chosen_lengths, rejected_lengths, params: DPOLossParams):
+    check_tensor(policy_chosen_logps, "policy_chosen_logps", ndim=1, dtypes=FLOAT_DTYPES)
+    B = policy_chosen_logps.shape[0]
+    named = {"policy_rejected_logps": policy_rejected_logps, "ref_chosen_logps": ref_chosen_logps,
+             "ref_rejected_logps": ref_rejected_logps}
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("ref_chosen_logps and ref_rejected_logps must be given together; got only "
+                         f"{'ref_chosen_logps' if ref_rejected_logps is None else 'ref_rejected_logps'}")
+    if ref_chosen_logps is None and params.needs_reference:
+        need = [t for t in params.loss_type if t not in REFERENCE_FREE]
+        raise ValueError(f"loss_type {need} needs ref_chosen_logps and ref_rejected_logps; only "
+                         f"{', '.join(REFERENCE_FREE)} are reference-free")
+    for name, x in list(named.items()) + [("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)]:
+        if x is None:
+            continue
+        lengths = name.endswith("lengths")
+        check_tensor(x, name, ndim=1, dtypes=FLOAT_DTYPES + (torch.int32, torch.int64) if lengths else FLOAT_DTYPES)
+        if x.shape[0] != B:
+            raise ValueError(f"{name} must have the batch size of policy_chosen_logps ([{B}]: one entry per pair, "
+                             f"chosen and rejected halves must match); got shape {tuple(x.shape)}")
+    check_same_device(policy_chosen_logps=policy_chosen_logps, **named, chosen_lengths=chosen_lengths,
+                      rejected_lengths=rejected_lengths)
+    if B == 0:
+        raise ValueError("policy_chosen_logps must hold at least one pair; got an empty batch")
+    needs_lengths = any(t in NEEDS_AVERAGES for t in params.loss_type) or any(t in NEEDS_NLL for t in params.loss_type)
+    if needs_lengths and not params.average_log_prob and (chosen_lengths is None or rejected_lengths is None):
+        need = [t for t in params.loss_type if t in NEEDS_AVERAGES + NEEDS_NLL]
+        raise ValueError(f"loss_type {need} needs per-token averages: pass chosen_lengths and rejected_lengths "
+                         "(completion tokens per sequence), or average_log_prob=True with averaged log-probs")
+    for name, x in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
+        if x is not None and not bool((x > 0).all()):
+            row = int((x <= 0).nonzero()[0])
+            raise ValueError(f"{name} must be > 0 (every sequence needs completion tokens); got {x[row].item()} "
+                             f"at pair {row}")
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor | None = None, ref_rejected_logps: torch.Tensor | None = None, *,
+             beta: float = 0.1, loss_type: str | list[str] = "sigmoid", loss_weights: list[float] | None = None,
+             label_smoothing: float = 0.0, simpo_gamma: float = 0.5, cpo_alpha: float = 1.0,
+             discopop_tau: float = 0.05, average_log_prob: bool = False,
+             chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None,
+             bco_state: BCORunningMean | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO-family preference loss from per-sequence log-probabilities, and TRL's metrics.
+
+    Replaces TRL's ``DPOTrainer.dpo_loss`` (``DPOConfig.loss_type``, ``loss_weights``, ``label_smoothing``,
+    ``discopop_tau``) and the losses of ``CPOTrainer`` (``loss_type="simpo"``, ``cpo_alpha``, ``simpo_gamma``)
+    and ``ORPOTrainer``. The loss is ``sum_k loss_weights[k] * mean_over_pairs(loss_k)``.
+
+    Loss types (notation in the module docstring; ``pi`` are the log-probabilities as given, sums unless
+    ``average_log_prob``):
+
+    ==============  =================================================================================
+    sigmoid         ``-(1-e) log s(b d) - e log s(-b d)``. DPO, Rafailov et al. 2023; cDPO for e > 0
+    hinge           ``relu(1 - b d)``. SLiC-HF, Zhao et al. 2023
+    ipo             ``(d_avg - 1/(2b))^2`` on length-averaged log-ratios. IPO, Azar et al. 2023, eq. 17
+    exo_pair        ``s(bd)(log s(bd) - log(1-e)) + s(-bd)(log s(-bd) - log e)``, e=1e-3 if 0. EXO, Ji et al.
+                    2024, eq. 16
+    nca_pair        ``-log s(b l_c) - 0.5 log s(-b l_c) - 0.5 log s(-b l_r)``. NCA, Chen et al. 2024
+    robust          ``(-(1-e) log s(b d) + e log s(-b d)) / (1-2e)``, e < 0.5. Chowdhury et al. 2024
+    bco_pair        ``-log s(b l_c - delta) - log s(-(b l_r - delta))``, delta the running mean of the batch
+                    reward (``bco_state``). BCO, Jung et al. 2024
+    sppo_hard       ``(l_c - 1/(2b))^2 + (l_r + 1/(2b))^2``. SPPO (hard probabilities), Wu et al. 2024
+    aot             sigmoid loss of ``sort(pi_c - pi_r) - sort(ref_c - ref_r)`` over the batch. AOT, Melnyk et
+                    al. 2024
+    aot_unpaired    sigmoid loss of ``sort(l_c) - sort(l_r)`` over the batch. AOT, Melnyk et al. 2024
+    apo_zero        ``1 - s(b l_c) + s(b l_r)``. APO, D'Oosterlinck et al. 2024, eq. 7
+    apo_down        ``s(b l_c) + 1 - s(b d)``. APO, D'Oosterlinck et al. 2024, eq. 8
+    discopop        ``(1-m)(-log s(b d)) + m exp(-b d)``, ``m = s(b d / tau)``. DiscoPOP, Lu et al. 2024, eq. 5
+    sft             ``-sum(pi_c) / sum(|y_c|)``, the chosen tokens' mean NLL (RPO's term, Pang et al. 2024:
+                    ``loss_type=["sigmoid", "sft"], loss_weights=[1, alpha]``)
+    sigmoid_norm    ``-log s(b (l_c/|y_c| - l_r/|y_r|))``. Length-normalized DPO, as in TRL
+    simpo           ``-log s(b (pi_c/|y_c| - pi_r/|y_r|) - gamma)`` (+ label smoothing), reference-free.
+                    SimPO, Meng et al. 2024, eq. 6
+    cpo             sigmoid loss of ``b (pi_c - pi_r)`` plus ``cpo_alpha * NLL``, reference-free. CPO, Xu et
+                    al. 2024, eq. 6
+    orpo            ``NLL - b log s(log odds_c - log odds_r)``, ``log odds = a - log(1 - exp(a))`` with
+                    ``a = pi/|y|``, reference-free (``beta`` is the paper's lambda). ORPO, Hong et al. 2024
+    ==============  =================================================================================
+
+    The types ipo, sigmoid_norm, simpo and orpo use per-token averages ``pi/|y|`` (the lengths are required
+    unless ``average_log_prob``); sft, cpo and orpo need the chosen lengths for the token-mean NLL (with
+    ``average_log_prob`` it is the mean over pairs of ``-pi_c``).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``[B]`` policy log-probabilities of the chosen / rejected
+            completions (sums over completion tokens, or averages with ``average_log_prob=True``).
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` the reference model's (no gradient expected); may be None
+            when every loss type is reference-free (sft, simpo, cpo, orpo).
+        beta: > 0, the temperature of the implicit reward.
+        loss_type: one type or a list of types (see the table); combined as a weighted sum.
+        loss_weights: one weight per type (default all 1).
+        label_smoothing: ``e`` above (the probability that a label is flipped), in [0, 0.5] ([0, 0.5) with robust).
+        simpo_gamma: SimPO's target margin ``gamma``.
+        cpo_alpha: weight of the NLL term of cpo.
+        discopop_tau: DiscoPOP's ``tau`` (> 0).
+        average_log_prob: the given log-probabilities (policy and reference) are per-token averages.
+        chosen_lengths, rejected_lengths: ``[B]`` completion tokens per sequence (> 0).
+        bco_state: a :class:`BCORunningMean` carried across steps for bco_pair.
+
+    Returns:
+        ``(loss, metrics)``: the scalar loss (float32, float64 for float64 inputs) and a dict of detached scalars
+        named as TRL names them: ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
+        ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (and ``nll_loss`` when an NLL term is used).
+        Rewards are ``beta * (pi - ref)`` from the log-probabilities as given (``beta * pi`` without reference).
+
+    Example:
+        >>> pc, pr = torch.tensor([-10.0, -12.0]), torch.tensor([-11.0, -11.5])
+        >>> rc, rr = torch.tensor([-10.5, -12.0]), torch.tensor([-10.5, -11.0])
+        >>> loss, metrics = dpo_loss(pc, pr, rc, rr, beta=0.1)
+        >>> loss, metrics = dpo_loss(pc, pr, rc, rr, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5],
+        ...                          chosen_lengths=torch.tensor([5, 6]), rejected_lengths=torch.tensor([4, 7]))
+    """
+    params = DPOLossParams.make(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
+                                label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha,
+                                discopop_tau=discopop_tau, average_log_prob=average_log_prob)
+    _check_logps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                 chosen_lengths, rejected_lengths, params)
+    return dpo_loss_from_params(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                chosen_lengths, rejected_lengths, params, bco_state)
+
+
+def dpo_loss_from_params(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                         chosen_lengths, rejected_lengths, params: DPOLossParams,
+                         bco_state: BCORunningMean | None = None):
+    """:func:`dpo_loss` on already validated inputs and options (for callers that validated them)."""
+    dtypes = [t.dtype for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps) if t is not None]
+    acc = torch.float64 if torch.float64 in dtypes else torch.float32
+    pc, pr = policy_chosen_logps.to(acc), policy_rejected_logps.to(acc)
+    has_ref = ref_chosen_logps is not None
+    rc = ref_chosen_logps.to(acc) if has_ref else torch.zeros_like(pc)
+    rr = ref_rejected_logps.to(acc) if has_ref else torch.zeros_like(pr)
+    b, e = params.beta, params.label_smoothing
+    lc, lr = pc - rc, pr - rr
+    d = lc - lr
+    if params.average_log_prob:
+        n_c = n_r = None
+        avg = lambda x, n: x
+    else:
+        n_c = None if chosen_lengths is None else chosen_lengths.to(acc)
+        n_r = None if rejected_lengths is None else rejected_lengths.to(acc)
+        avg = lambda x, n: x / n
+    nll = None
+    if any(t in NEEDS_NLL for t in params.loss_type):
+        nll = -pc.mean() if params.average_log_prob else -pc.sum() / n_c.sum()
+
+    loss = pc.new_zeros(())
+    for kind, weight in zip(params.loss_type, params.loss_weights):
+        if kind == "sigmoid":
+            per_pair = _smoothed_sigmoid(b * d, e)
+        elif kind == "hinge":
+            per_pair = torch.relu(1 - b * d)
+        elif kind == "ipo":
+            per_pair = (avg(lc, n_c) - avg(lr, n_r) - 1 / (2 * b)) ** 2
+        elif kind == "exo_pair":
+            eps = e if e > 0 else 1e-3
+            per_pair = (torch.sigmoid(b * d) * (F.logsigmoid(b * d) - math.log1p(-eps))
+                        + torch.sigmoid(-b * d) * (F.logsigmoid(-b * d) - math.log(eps)))
+        elif kind == "nca_pair":
+            per_pair = -F.logsigmoid(b * lc) - 0.5 * F.logsigmoid(-b * lc) - 0.5 * F.logsigmoid(-b * lr)
+        elif kind == "robust":
+            per_pair = (-(1 - e) * F.logsigmoid(b * d) + e * F.logsigmoid(-b * d)) / (1 - 2 * e)
+        elif kind == "bco_pair":
+            batch_mean = torch.cat([b * lc, b * lr]).mean().detach()
+            delta = batch_mean if bco_state is None else bco_state.update(batch_mean).to(acc)
+            per_pair = -F.logsigmoid(b * lc - delta) - F.logsigmoid(-(b * lr - delta))
+        elif kind == "sppo_hard":
+            per_pair = (lc - 0.5 / b) ** 2 + (lr + 0.5 / b) ** 2
+        elif kind == "aot":
+            per_pair = _smoothed_sigmoid(b * (torch.sort(pc - pr).values - torch.sort(rc - rr).values), e)
+        elif kind == "aot_unpaired":
+            per_pair = _smoothed_sigmoid(b * (torch.sort(lc).values - torch.sort(lr).values), e)
+        elif kind == "apo_zero":
+            per_pair = 1 - torch.sigmoid(b * lc) + torch.sigmoid(b * lr)
+        elif kind == "apo_down":
+            per_pair = torch.sigmoid(b * lc) + 1 - torch.sigmoid(b * d)
+        elif kind == "discopop":
+            m = torch.sigmoid(b * d / params.discopop_tau)
+            per_pair = (1 - m) * -F.logsigmoid(b * d) + m * torch.exp(-b * d)
+        elif kind == "sft":
+            per_pair = nll.expand_as(pc)
+        elif kind == "sigmoid_norm":
+            per_pair = -F.logsigmoid(b * (avg(lc, n_c) - avg(lr, n_r)))
+        elif kind == "simpo":
+            per_pair = _smoothed_sigmoid(b * (avg(pc, n_c) - avg(pr, n_r)) - params.simpo_gamma, e)
+        elif kind == "cpo":
+            per_pair = _smoothed_sigmoid(b * (pc - pr), e) + params.cpo_alpha * nll
+        else:  # orpo
+            a_c, a_r = avg(pc, n_c), avg(pr, n_r)
+            log_odds = (a_c - a_r) - (_log1mexp(a_c) - _log1mexp(a_r))
+            per_pair = nll - b * F.logsigmoid(log_odds)
+        loss = loss + weight * per_pair.mean()
+
+    with torch.no_grad():
+        reward_c, reward_r = b * (pc - rc), b * (pr - rr)
+        metrics = {
+            "rewards/chosen": reward_c.mean(),
+            "rewards/rejected": reward_r.mean(),
+            "rewards/accuracies": (reward_c > reward_r).to(acc).mean(),
+            "rewards/margins": (reward_c - reward_r).mean(),
+            "logps/chosen": pc.mean(),
+            "logps/rejected": pr.mean(),
+        }
+        if nll is not None:
+            metrics["nll_loss"] = nll.detach()
+    return loss, metrics
