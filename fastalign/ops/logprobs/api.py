@@ -7,7 +7,9 @@ Launcher contract (``triton.py``, ``cpu.py``), for ``hidden [N, D]``, ``weight [
 ``bias [V] | None`` and :class:`LogprobsParams`:
 
 - ``linear_logprobs_fwd(hidden, weight, targets, bias, params) -> (lse, z_target, sum_pz)``, float32 ``[N]``
-  each: the logsumexp of the processed logits ``z`` over this weight's vocabulary, the processed logit of the
+  each (lse and sum_pz may be float64: the entropy ``lse - sum_pz`` then keeps its precision when the logits
+  are large, where float32 values of |lse| ~ 1e4 would lose ~1e-3 to rounding; the torch and triton impls do
+  this): the logsumexp of the processed logits ``z`` over this weight's vocabulary, the processed logit of the
   target when ``targets - params.vocab_start`` falls in ``[0, V)`` (else 0), and ``sum_v softmax(z)_v z_v``
   (``None`` unless ``params.return_entropy``). Rows whose target is ``ignore_index`` may hold anything finite.
 - ``linear_logprobs_bwd(hidden, weight, targets, bias, lse, sum_pz, grad_logprobs, grad_entropy, params)
@@ -114,7 +116,7 @@ def _combine_ranks(lse, z_target, sum_pz, group):
     import torch.distributed as dist
 
     parts = [lse, z_target] + ([sum_pz] if sum_pz is not None else [])
-    mine = torch.stack(parts)  # [2 or 3, N]
+    mine = torch.stack([x.double() for x in parts])  # [2 or 3, N]
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine.contiguous(), group=group)
     every = torch.stack(gathered)  # [P, 2 or 3, N]
@@ -141,15 +143,17 @@ class LinearLogprobsFunction(torch.autograd.Function):
         lse, z_target, sum_pz = fwd(hidden, weight, targets, bias, params)
         if params.process_group is not None:
             lse, z_target, sum_pz = _combine_ranks(lse, z_target, sum_pz, params.process_group)
+        out = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         valid = targets != params.ignore_index
         # Clamped: logprob <= 0 and entropy >= 0 always (rounding could otherwise give +1e-7 or -1e-7).
-        logprobs = torch.where(valid, (z_target - lse).clamp(max=0.0), 0.0)
-        ctx.save_for_backward(hidden, weight, targets, bias, lse, sum_pz)
+        logprobs = torch.where(valid, (z_target - lse).to(out).clamp(max=0.0), 0.0)
+        entropy = None
+        if params.return_entropy:
+            entropy = torch.where(valid, (lse - sum_pz).to(out).clamp(min=0.0), 0.0)
+            sum_pz = sum_pz.to(out)
+        ctx.save_for_backward(hidden, weight, targets, bias, lse.to(out), sum_pz)
         ctx.params = params
-        if not params.return_entropy:
-            return logprobs
-        entropy = torch.where(valid, (lse - sum_pz).clamp(min=0.0), 0.0)
-        return logprobs, entropy
+        return logprobs if entropy is None else (logprobs, entropy)
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy=None):

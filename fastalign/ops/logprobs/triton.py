@@ -6,9 +6,10 @@ Design (N rows, D hidden size, V vocabulary, blocks BN x BV x BD fixed per (D, V
   forms the [BN, BV] logit tile with ``tl.dot`` over D-blocks (float32 accumulation; IEEE float32 products for
   float32 inputs, tensor cores for bf16/fp16), applies bias, logit_scale, softcap and temperature in
   registers, and folds the tile into an online logsumexp (running max ``m``, ``s = sum exp(z - m)``), an online
-  ``t = sum exp(z - m) (z - m)`` for the entropy and the target's logit. Outputs ``lse``, ``z_target`` and
-  ``sum_pz = m + t / s`` ([N] float32 each). FLOPs 2·N·D·V; bytes read: h once per program (N·D), W once per
-  N-block (ceil(N/BN)·V·D) — all of it from L2 when W's working set fits.
+  ``t = sum exp(z - m) (z - m)`` for the entropy and the target's logit. Outputs ``lse = m + log s``,
+  ``z_target`` and ``sum_pz = m + t / s`` ([N] each; lse and sum_pz in float64 so that the entropy
+  ``lse - sum_pz = log s - t / s`` does not cancel at large logits). FLOPs 2·N·D·V; bytes read: h once per
+  V-block per program (from L1/L2), W once per N-block (ceil(N/BN)·V·D elements, mostly from L2).
 - Backward, without atomics, so it is deterministic (``deterministic=True`` costs nothing):
   ``_bwd_dh_kernel`` over N-blocks loops over V-blocks, recomputes the logit tile, forms
   ``ds = dL/d(raw logit)`` (formula below) and accumulates ``dh[BN, D] += ds W[BV, D]`` into a float32 [N, D]
@@ -52,23 +53,40 @@ def block_sizes(D: int, V: int, dtype: torch.dtype) -> tuple[int, int, int, int]
 
 @triton.jit
 def _tanh(x):
-    # tanh from exp, stable at both ends (exp overflow -> 1, underflow -> -1); interpreter-friendly.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    # tanh from exp (interpreter-friendly), with exp(-2|x|) <= 1 so nothing overflows.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
 
 
 @triton.jit
-def _dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + a @ b`` in float32. UPCAST (interpreter only: its bf16 ``tl.dot`` returns garbage in Triton 3.9)
-    multiplies the same values in float32, which is what the tensor cores do: bf16 x bf16 products are exact
-    in float32."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+def _dot(a, b, acc, PREC: tl.constexpr, INTERP: tl.constexpr):
+    """``acc + a @ b`` with float32 accumulation.
+
+    INTERP (TRITON_INTERPRET=1 only) multiplies in float32 and sums over K in order for every output element,
+    as the GPU's MMA does; the interpreter's own ``tl.dot`` goes to the host BLAS, whose result for a row
+    depends on the row's position in the tile (so batch invariance could not be tested), and whose bf16 path
+    returns garbage in Triton 3.9. bf16/fp16 products are exact in float32, so the values are the same.
+    """
+    if INTERP:
+        return acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
     return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit
+def _round_to(x, dtype: tl.constexpr, INTERP: tl.constexpr):
+    """``x`` rounded to ``dtype`` (round to nearest even). Under INTERP with bf16 (the interpreter's float32 ->
+    bf16 cast truncates) the rounding is done on the bits and the value stays float32."""
+    if INTERP and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _logit_tile(p_h, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_h, stride_w, scale, inv_temp, softcap,
-                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
                 BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
     """Processed logits ``z [BN, BV]`` (float32) and ``tanh(x / c)`` (for the softcap's backward)."""
     b_x = tl.zeros([BN, BV], dtype=tl.float32)
@@ -77,7 +95,7 @@ def _logit_tile(p_h, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_h, stride_w, scale,
         m_d = o_d < D
         b_h = tl.load(p_h + o_n[:, None] * stride_h + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
         b_w = tl.load(p_w + o_v[:, None] * stride_w + o_d[None, :], mask=m_v[:, None] & m_d[None, :], other=0.0)
-        b_x = _dot(b_h, tl.trans(b_w), b_x, PREC, UPCAST)
+        b_x = _dot(b_h, tl.trans(b_w), b_x, PREC, INTERP)
     if HAS_BIAS:
         b_x += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
     b_x = b_x * scale
@@ -93,7 +111,7 @@ def _logit_tile(p_h, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_h, stride_w, scale,
 @triton.jit
 def _fwd_kernel(p_h, p_w, p_b, p_t, p_lse, p_zt, p_spz, N, V, D, stride_h, stride_w, vocab_start,
                 scale, inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                ENTROPY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BN: tl.constexpr,
+                ENTROPY: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr, BN: tl.constexpr,
                 BV: tl.constexpr, BD: tl.constexpr):
     i_n = tl.program_id(0).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -107,7 +125,7 @@ def _fwd_kernel(p_h, p_w, p_b, p_t, p_lse, p_zt, p_spz, N, V, D, stride_h, strid
         o_v = v0 + tl.arange(0, BV).to(tl.int64)
         m_v = o_v < V
         b_z, _ = _logit_tile(p_h, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_h, stride_w, scale, inv_temp, softcap,
-                             HAS_BIAS, HAS_SOFTCAP, PREC, UPCAST, BN, BV, BD)
+                             HAS_BIAS, HAS_SOFTCAP, PREC, INTERP, BN, BV, BD)
         b_z = tl.where(m_v[None, :], b_z, float("-inf"))
         b_zt += tl.sum(tl.where(o_v[None, :] == b_y[:, None], b_z, 0.0), axis=1)
         b_m_new = tl.maximum(b_m, tl.max(b_z, axis=1))
@@ -120,10 +138,13 @@ def _fwd_kernel(p_h, p_w, p_b, p_t, p_lse, p_zt, p_spz, N, V, D, stride_h, strid
             b_t = b_alpha * (b_t + b_shift * b_s) + tl.sum(b_p * b_zr, axis=1)
         b_s = b_s * b_alpha + tl.sum(b_p, axis=1)
         b_m = b_m_new
-    tl.store(p_lse + o_n, b_m + tl.log(b_s), mask=m_n)
+    # lse and sum_pz in float64: entropy = lse - sum_pz = log(s) - t / s then loses nothing to cancellation
+    # when the logits are large (|lse| ~ 1e4 has a float32 ulp of 1e-3).
+    b_m64 = b_m.to(tl.float64)
+    tl.store(p_lse + o_n, b_m64 + tl.log(b_s).to(tl.float64), mask=m_n)
     tl.store(p_zt + o_n, b_zt, mask=m_n)
     if ENTROPY:
-        tl.store(p_spz + o_n, b_m + b_t / b_s, mask=m_n)
+        tl.store(p_spz + o_n, b_m64 + (b_t / b_s).to(tl.float64), mask=m_n)
 
 
 @triton.jit
@@ -159,7 +180,7 @@ def _load_rows(p_t, p_lse, p_spz, p_g, p_e, o_n, m_n, vocab_start, ENTROPY: tl.c
 @triton.jit
 def _bwd_dh_kernel(p_h, p_w, p_b, p_t, p_lse, p_spz, p_g, p_e, p_dh, N, V, D, stride_h, stride_w, vocab_start,
                    scale, inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   ENTROPY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
+                   ENTROPY: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
                    BD: tl.constexpr):
     i_n = tl.program_id(0).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -169,9 +190,10 @@ def _bwd_dh_kernel(p_h, p_w, p_b, p_t, p_lse, p_spz, p_g, p_e, p_dh, N, V, D, st
         o_v = v0 + tl.arange(0, BV).to(tl.int64)
         m_v = o_v < V
         b_z, b_tanh = _logit_tile(p_h, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_h, stride_w, scale, inv_temp,
-                                  softcap, HAS_BIAS, HAS_SOFTCAP, PREC, UPCAST, BN, BV, BD)
+                                  softcap, HAS_BIAS, HAS_SOFTCAP, PREC, INTERP, BN, BV, BD)
         b_ds = _grad_logit_tile(b_z, b_tanh, b_y, o_v, m_n, m_v, b_lse, b_spz, b_g, b_e, scale, inv_temp, softcap,
-                                HAS_SOFTCAP, ENTROPY).to(p_w.dtype.element_ty)
+                                HAS_SOFTCAP, ENTROPY)
+        b_ds = _round_to(b_ds, p_w.dtype.element_ty, INTERP)
         for d0 in range(0, D, BD):
             o_d = d0 + tl.arange(0, BD)
             m_d = o_d < D
@@ -180,14 +202,14 @@ def _bwd_dh_kernel(p_h, p_w, p_b, p_t, p_lse, p_spz, p_g, p_e, p_dh, N, V, D, st
             # dh[n, :] = sum over V-blocks in order of ds[n, v] W[v, :]; the first block starts from zero.
             b_acc = tl.load(p_acc, mask=m_acc & (v0 > 0), other=0.0)
             b_w = tl.load(p_w + o_v[:, None] * stride_w + o_d[None, :], mask=m_v[:, None] & m_d[None, :], other=0.0)
-            b_acc = _dot(b_ds, b_w, b_acc, PREC, UPCAST)
+            b_acc = _dot(b_ds, b_w, b_acc, PREC, INTERP)
             tl.store(p_acc, b_acc, mask=m_acc)
 
 
 @triton.jit
 def _bwd_dw_kernel(p_h, p_w, p_b, p_t, p_lse, p_spz, p_g, p_e, p_dw, p_db, N, V, D, stride_h, stride_w, vocab_start,
                    scale, inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   ENTROPY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
+                   ENTROPY: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
                    BD: tl.constexpr):
     i_v = tl.program_id(0).to(tl.int64)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -198,11 +220,11 @@ def _bwd_dw_kernel(p_h, p_w, p_b, p_t, p_lse, p_spz, p_g, p_e, p_dw, p_db, N, V,
         m_n = o_n < N
         b_y, b_lse, b_spz, b_g, b_e = _load_rows(p_t, p_lse, p_spz, p_g, p_e, o_n, m_n, vocab_start, ENTROPY)
         b_z, b_tanh = _logit_tile(p_h, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_h, stride_w, scale, inv_temp,
-                                  softcap, HAS_BIAS, HAS_SOFTCAP, PREC, UPCAST, BN, BV, BD)
+                                  softcap, HAS_BIAS, HAS_SOFTCAP, PREC, INTERP, BN, BV, BD)
         b_ds = _grad_logit_tile(b_z, b_tanh, b_y, o_v, m_n, m_v, b_lse, b_spz, b_g, b_e, scale, inv_temp, softcap,
                                 HAS_SOFTCAP, ENTROPY)
         b_db += tl.sum(b_ds, axis=0)
-        b_dsT = tl.trans(b_ds.to(p_h.dtype.element_ty))
+        b_dsT = tl.trans(_round_to(b_ds, p_h.dtype.element_ty, INTERP))
         for d0 in range(0, D, BD):
             o_d = d0 + tl.arange(0, BD)
             m_d = o_d < D
@@ -211,7 +233,7 @@ def _bwd_dw_kernel(p_h, p_w, p_b, p_t, p_lse, p_spz, p_g, p_e, p_dw, p_db, N, V,
             # dW[v, :] = sum over N-blocks in order of ds[n, v] h[n, :]; the first block starts from zero.
             b_acc = tl.load(p_acc, mask=m_acc & (n0 > 0), other=0.0)
             b_h = tl.load(p_h + o_n[:, None] * stride_h + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-            b_acc = _dot(b_dsT, b_h, b_acc, PREC, UPCAST)
+            b_acc = _dot(b_dsT, b_h, b_acc, PREC, INTERP)
             tl.store(p_acc, b_acc, mask=m_acc)
     if HAS_BIAS:
         tl.store(p_db + o_v, b_db, mask=m_v)
@@ -232,18 +254,19 @@ def _prepare(hidden, weight, bias, params):
         softcap=1.0 if params.softcap is None else params.softcap,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None, ENTROPY=params.return_entropy,
         PREC="ieee" if hidden.dtype == torch.float32 else "tf32",
-        UPCAST=triton_interpret() and hidden.dtype == torch.bfloat16, BN=BN, BV=BV, BD=BD, num_warps=num_warps,
+        INTERP=triton_interpret(), BN=BN, BV=BV, BD=BD, num_warps=num_warps,
     )
     return hidden, weight, bias, common
 
 
 def linear_logprobs_fwd(hidden, weight, targets, bias, params):
-    """``(lse, z_target, sum_pz)`` float32 [N] each (``sum_pz`` None without entropy); see api.py's contract."""
+    """``(lse, z_target, sum_pz)`` [N] each: lse and sum_pz float64, z_target float32 (``sum_pz`` None without
+    entropy); see api.py's contract."""
     hidden, weight, bias, common = _prepare(hidden, weight, bias, params)
     N, device = hidden.shape[0], hidden.device
-    lse = new_output((N,), dtype=torch.float32, device=device)
+    lse = new_output((N,), dtype=torch.float64, device=device)
     z_target = new_output((N,), dtype=torch.float32, device=device)
-    sum_pz = new_output((N,), dtype=torch.float32, device=device) if params.return_entropy else None
+    sum_pz = new_output((N,), dtype=torch.float64, device=device) if params.return_entropy else None
     if N:
         grid = (triton.cdiv(N, common["BN"]),)
         _fwd_kernel[grid](hidden, weight, bias, targets, lse, z_target, sum_pz if sum_pz is not None else lse,
@@ -259,6 +282,7 @@ def linear_logprobs_bwd(hidden, weight, targets, bias, lse, sum_pz, grad_logprob
     grad_logprobs = grad_logprobs.float().contiguous()
     entropy = grad_entropy is not None
     common["ENTROPY"] = entropy
+    lse = lse.float().contiguous()
     rows = (targets, lse, sum_pz.float().contiguous() if entropy else lse, grad_logprobs,
             grad_entropy.float().contiguous() if entropy else grad_logprobs)
     dh = new_output((N, D), dtype=torch.float32, device=device)
