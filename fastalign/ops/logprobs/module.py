@@ -71,7 +71,8 @@ def causal_lm_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask
     """Next-token log-probabilities of ``input_ids`` under a Hugging Face causal LM, without its logits.
 
     Same as ``log_softmax(model(input_ids, attention_mask).logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None])``
-    (0 where ``attention_mask`` is 0 on the predicted token), but runs only the decoder
+    (0 where ``attention_mask`` is 0 on the predicted token or on the position predicting it), but runs only
+    the decoder
     (``model.get_decoder()``) and feeds its final hidden states with the output embedding to
     :class:`LinearLogprobs` (``softcap``/``logit_scale`` from the config; ``options`` as for
     :func:`fastalign.linear_logprobs`, e.g. ``return_entropy=True``).
@@ -84,6 +85,6 @@ def causal_lm_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     targets = input_ids[:, 1:]
     ignore_index = options.get("ignore_index", -100)
-    if attention_mask is not None:
-        targets = targets.masked_fill(attention_mask[:, 1:] == 0, ignore_index)
+    if attention_mask is not None:  # a padded token is not predicted, and a padded position predicts nothing
+        targets = targets.masked_fill((attention_mask[:, 1:] == 0) | (attention_mask[:, :-1] == 0), ignore_index)
     return LinearLogprobs.from_causal_lm(model, **options)(hidden[:, :-1], targets)
