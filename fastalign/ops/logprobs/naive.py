@@ -16,10 +16,12 @@ def processed_logits(hidden, weight, bias=None, temperature=1.0, softcap=None, l
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
-    z = logits.to(acc) * logit_scale
+    z = logits.to(acc)
+    if logit_scale != 1.0:  # (multiplying or dividing by 1 is exact: skipped for speed only)
+        z = z * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    return z / temperature
+    return z / temperature if temperature != 1.0 else z
 
 
 def linear_logprobs(hidden, weight, targets, bias=None, temperature=1.0, softcap=None, logit_scale=1.0,
@@ -71,7 +73,7 @@ def linear_logprobs_fwd(hidden, weight, targets, bias, params):
         # lse = m + log s and sum_pz = m + sum_v p_v (z_v - m), m the row max, each added to m in float64:
         # the entropy lse - sum_pz then does not cancel when the logits are large.
         m = z.max(dim=-1, keepdim=True).values
-        e = torch.exp(z - m)
+        e = torch.sub(z, m).exp_()
         s = e.sum(-1)
         lse[rows] = m.squeeze(-1).double() + s.log().double()
         z_target[rows] = torch.where(owned[rows], z.gather(-1, local[rows, None]).squeeze(-1), 0.0)
