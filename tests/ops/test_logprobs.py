@@ -292,3 +292,28 @@ def test_out_of_range_target_on_gpu_is_a_device_side_assert(tmp_path):
             "torch.cuda.synchronize()\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode != 0 and "targets must be in [0, 10)" in out.stderr
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_traceable_by_torch_compile(impl, impl_on):
+    impl_on(impl, "cpu")
+    h, w, t, b = _inputs(6, 8, 40, torch.float32, "cpu", bias=True)
+    fn = lambda h, w, t, b: linear_logprobs(h, w, t, b, softcap=3.0, return_entropy=True, impl=impl)
+    eager = fn(h, w, t, b)  # (the first call imports the impl's module, outside any trace)
+    want = torch.autograd.grad(eager[0].sum() + eager[1].sum(), [h, w, b])
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    out = compiled(h, w, t, b)
+    got = torch.autograd.grad(out[0].sum() + out[1].sum(), [h, w, b])
+    for x, y in zip(list(out) + list(got), list(eager) + list(want)):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_triton_custom_ops_pass_opcheck(impl_on):
+    impl_on("triton", "cpu")
+    h, w, t, b = (x.detach() if x is not None else x for x in _inputs(5, 8, 40, torch.float32, "cpu", bias=True))
+    lse, spz, g = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64), torch.randn(5)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.fastalign.linear_logprobs_triton_fwd.default,
+                          (h, w, t, b, 1.0, 3.0, 1.0, True, 0), test_utils=checks)
+    torch.library.opcheck(torch.ops.fastalign.linear_logprobs_triton_bwd.default,
+                          (h, w, t, b, lse, spz, g, g, 1.0, None, 1.0, 0, True), test_utils=checks)

@@ -26,7 +26,6 @@ vocabulary, ``V`` times the number of ranks under vocab-parallel; 0 = this weigh
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass, field, replace
 
@@ -34,12 +33,10 @@ import torch
 
 from fastalign._backend import resolve_impl
 from fastalign._utils import FLOAT_DTYPES, check_same_device, check_tensor
+from fastalign.ops.logprobs import naive
 
 IMPLS = ("torch", "triton")
 
-# The module of each impl's launchers, imported lazily (Triton and fastalign._C may be absent).
-_LAUNCHERS = {"torch": "fastalign.ops.logprobs.naive", "triton": "fastalign.ops.logprobs.triton",
-              "cpp": "fastalign.ops.logprobs.cpu"}
 
 
 @dataclass(frozen=True)
@@ -90,11 +87,11 @@ def _check_args(hidden, weight, targets, bias, params: LogprobsParams):
 
 
 def _check_targets(targets, V: int, ignore_index: int) -> None:
-    """Targets in ``[0, V)`` or ``ignore_index``: a ValueError on the CPU; on a GPU a device-side assert
-    (``torch._assert_async``), which costs a small reduction kernel and no host synchronization, and
-    fails at the next synchronization point with a CUDA error naming the assert."""
+    """Targets in ``[0, V)`` or ``ignore_index``: a ValueError on the CPU; on a GPU (and under torch.compile)
+    a device-side assert (``torch._assert_async``), which costs a small reduction kernel and no host
+    synchronization, and fails at the next synchronization point with a CUDA error naming the assert."""
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
-    if targets.device.type != "cpu":
+    if targets.device.type != "cpu" or torch.compiler.is_compiling():
         torch._assert_async(~bad.any(), f"linear_logprobs: targets must be in [0, {V}) or ignore_index={ignore_index}")
         return
     if bad.any():
@@ -106,7 +103,16 @@ def _check_targets(targets, V: int, ignore_index: int) -> None:
 
 
 def _launchers(impl: str):
-    module = importlib.import_module(_LAUNCHERS[impl])
+    """The launchers of ``impl``'s module, imported on first use (import statements, which torch.compile can
+    trace, rather than importlib)."""
+    if impl == "torch":
+        module = naive
+    elif impl == "triton":
+        from fastalign.ops.logprobs import triton as module
+    elif impl == "cpp":
+        from fastalign.ops.logprobs import cpu as module
+    else:
+        raise ValueError(f"linear_logprobs: no launchers for impl={impl!r}")
     return module.linear_logprobs_fwd, module.linear_logprobs_bwd
 
 

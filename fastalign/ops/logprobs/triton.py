@@ -239,7 +239,7 @@ def _bwd_dw_kernel(p_h, p_w, p_b, p_t, p_lse, p_spz, p_g, p_e, p_dw, p_db, N, V,
         tl.store(p_db + o_v, b_db, mask=m_v)
 
 
-def _prepare(hidden, weight, bias, params):
+def _prepare(hidden, weight, bias, temperature, softcap, logit_scale, vocab_start, entropy):
     if hidden.dtype == torch.float64:
         raise TypeError("the triton impl takes float32/bfloat16/float16 inputs; got float64 (use impl='torch')")
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
@@ -249,39 +249,53 @@ def _prepare(hidden, weight, bias, params):
     V = weight.shape[0]
     BN, BV, BD, num_warps = block_sizes(D, V, hidden.dtype)
     common = dict(
-        N=N, V=V, D=D, stride_h=hidden.stride(0), stride_w=weight.stride(0), vocab_start=params.vocab_start,
-        scale=params.logit_scale, inv_temp=1.0 / params.temperature,
-        softcap=1.0 if params.softcap is None else params.softcap,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None, ENTROPY=params.return_entropy,
+        N=N, V=V, D=D, stride_h=hidden.stride(0), stride_w=weight.stride(0), vocab_start=vocab_start,
+        scale=logit_scale, inv_temp=1.0 / temperature, softcap=1.0 if softcap is None else softcap,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, ENTROPY=entropy,
         PREC="ieee" if hidden.dtype == torch.float32 else "tf32",
         INTERP=triton_interpret(), BN=BN, BV=BV, BD=BD, num_warps=num_warps,
     )
     return hidden, weight, bias, common
 
 
-def linear_logprobs_fwd(hidden, weight, targets, bias, params):
-    """``(lse, z_target, sum_pz)`` [N] each: lse and sum_pz float64, z_target float32 (``sum_pz`` None without
-    entropy); see api.py's contract."""
-    hidden, weight, bias, common = _prepare(hidden, weight, bias, params)
+# The launchers run as torch.library custom ops (with fake impls), so torch.compile sees one opaque op each.
+# Absent optional results are returned as empty tensors (a custom op cannot return None).
+
+@torch.library.custom_op("fastalign::linear_logprobs_triton_fwd", mutates_args=(), schema=(
+    "(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, float temperature, float? softcap, "
+    "float logit_scale, bool return_entropy, int vocab_start) -> (Tensor, Tensor, Tensor)"))
+def _fwd_op(hidden, weight, targets, bias, temperature, softcap, logit_scale, return_entropy, vocab_start):
+    hidden, weight, bias, common = _prepare(hidden, weight, bias, temperature, softcap, logit_scale, vocab_start,
+                                            return_entropy)
     N, device = hidden.shape[0], hidden.device
     lse = new_output((N,), dtype=torch.float64, device=device)
     z_target = new_output((N,), dtype=torch.float32, device=device)
-    sum_pz = new_output((N,), dtype=torch.float64, device=device) if params.return_entropy else None
+    sum_pz = new_output((N if return_entropy else 0,), dtype=torch.float64, device=device)
     if N:
         grid = (triton.cdiv(N, common["BN"]),)
-        _fwd_kernel[grid](hidden, weight, bias, targets, lse, z_target, sum_pz if sum_pz is not None else lse,
-                          **common)
+        _fwd_kernel[grid](hidden, weight, bias, targets, lse, z_target, sum_pz if return_entropy else lse, **common)
     return lse, z_target, sum_pz
 
 
-def linear_logprobs_bwd(hidden, weight, targets, bias, lse, sum_pz, grad_logprobs, grad_entropy, params):
-    """``(grad_hidden, grad_weight, grad_bias)`` accumulated in float32, returned in the inputs' dtype."""
-    hidden, weight, bias, common = _prepare(hidden, weight, bias, params)
+@_fwd_op.register_fake
+def _(hidden, weight, targets, bias, temperature, softcap, logit_scale, return_entropy, vocab_start):
+    N = hidden.shape[0]
+    return (hidden.new_empty(N, dtype=torch.float64), hidden.new_empty(N, dtype=torch.float32),
+            hidden.new_empty(N if return_entropy else 0, dtype=torch.float64))
+
+
+@torch.library.custom_op("fastalign::linear_logprobs_triton_bwd", mutates_args=(), schema=(
+    "(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, Tensor lse, Tensor? sum_pz, Tensor grad_logprobs, "
+    "Tensor? grad_entropy, float temperature, float? softcap, float logit_scale, int vocab_start, "
+    "bool compute_grad_weight) -> (Tensor, Tensor, Tensor)"))
+def _bwd_op(hidden, weight, targets, bias, lse, sum_pz, grad_logprobs, grad_entropy, temperature, softcap,
+            logit_scale, vocab_start, compute_grad_weight):
+    entropy = grad_entropy is not None
+    hidden, weight, bias, common = _prepare(hidden, weight, bias, temperature, softcap, logit_scale, vocab_start,
+                                            entropy)
     (N, D), V, device = hidden.shape, weight.shape[0], hidden.device
     f32 = hidden.dtype == torch.float32
     grad_logprobs = grad_logprobs.float().contiguous()
-    entropy = grad_entropy is not None
-    common["ENTROPY"] = entropy
     lse = lse.float().contiguous()
     rows = (targets, lse, sum_pz.float().contiguous() if entropy else lse, grad_logprobs,
             grad_entropy.float().contiguous() if entropy else grad_logprobs)
@@ -290,18 +304,44 @@ def linear_logprobs_bwd(hidden, weight, targets, bias, lse, sum_pz, grad_logprob
         _bwd_dh_kernel[(triton.cdiv(N, common["BN"]),)](hidden, weight, bias, *rows, dh, **common)
     elif N:
         dh.zero_()
-    grad_weight = grad_bias = None
-    if params.compute_grad_weight or bias is not None:
-        dw = new_output((V, D), dtype=torch.float32, device=device)
-        db = new_output((V,), dtype=torch.float32, device=device) if bias is not None else None
+    need_dw = compute_grad_weight or bias is not None
+    dw = new_output((V, D) if need_dw else (0,), dtype=torch.float32, device=device)
+    db = new_output((V if bias is not None else 0,), dtype=torch.float32, device=device)
+    if need_dw:
         if N and V:
             _bwd_dw_kernel[(triton.cdiv(V, common["BV"]),)](hidden, weight, bias, *rows, dw,
-                                                            db if db is not None else dw, **common)
+                                                            db if bias is not None else dw, **common)
         else:
             dw.zero_()
-            if db is not None:
-                db.zero_()
-        grad_weight = (dw if f32 else dw.to(weight.dtype)) if params.compute_grad_weight else None
-        grad_bias = db
-    grad_hidden = dh if f32 else dh.to(hidden.dtype)
-    return grad_hidden, grad_weight, grad_bias
+            db.zero_()
+    grad_weight = dw if compute_grad_weight else hidden.new_empty(0)
+    grad_weight = grad_weight if f32 or not compute_grad_weight else grad_weight.to(weight.dtype)
+    return (dh if f32 else dh.to(hidden.dtype)), grad_weight, db
+
+
+@_bwd_op.register_fake
+def _(hidden, weight, targets, bias, lse, sum_pz, grad_logprobs, grad_entropy, temperature, softcap, logit_scale,
+      vocab_start, compute_grad_weight):
+    V = weight.shape[0]
+    return (torch.empty_like(hidden), weight.new_empty(weight.shape if compute_grad_weight else (0,)),
+            hidden.new_empty(V if bias is not None else 0, dtype=torch.float32))
+
+
+def linear_logprobs_fwd(hidden, weight, targets, bias, params):
+    """``(lse, z_target, sum_pz)`` [N] each: lse and sum_pz float64, z_target float32 (``sum_pz`` None without
+    entropy); see api.py's contract."""
+    lse, z_target, sum_pz = torch.ops.fastalign.linear_logprobs_triton_fwd(
+        hidden, weight, targets, bias, params.temperature, params.softcap, params.logit_scale,
+        params.return_entropy, params.vocab_start)
+    return lse, z_target, sum_pz if params.return_entropy else None
+
+
+def linear_logprobs_bwd(hidden, weight, targets, bias, lse, sum_pz, grad_logprobs, grad_entropy, params):
+    """``(grad_hidden, grad_weight, grad_bias)`` accumulated in float32; grad_hidden and grad_weight in the inputs'
+    dtype, grad_bias float32 (grad_weight None unless ``params.compute_grad_weight``, grad_bias None without
+    bias)."""
+    grad_hidden, grad_weight, grad_bias = torch.ops.fastalign.linear_logprobs_triton_bwd(
+        hidden, weight, targets, bias, lse, sum_pz, grad_logprobs, grad_entropy, params.temperature,
+        params.softcap, params.logit_scale, params.vocab_start, params.compute_grad_weight)
+    return (grad_hidden, grad_weight if params.compute_grad_weight else None,
+            grad_bias if bias is not None else None)
