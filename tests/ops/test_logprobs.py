@@ -317,3 +317,50 @@ def test_triton_custom_ops_pass_opcheck(impl_on):
                           (h, w, t, b, 1.0, 3.0, 1.0, True, 0), test_utils=checks)
     torch.library.opcheck(torch.ops.fastalign.linear_logprobs_triton_bwd.default,
                           (h, w, t, b, lse, spz, g, g, 1.0, None, 1.0, 0, True), test_utils=checks)
+
+
+_COMPILE_FOR_GPU = r"""
+import sys, torch, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from fastalign.ops.logprobs import triton as T
+
+INTS = ("N", "V", "D", "stride_h", "stride_w", "vocab_start")
+for dtype, name in [(torch.bfloat16, "bf16"), (torch.float32, "fp32")]:
+    BN, BV, BD, num_warps = T.block_sizes(4096, 128256, dtype)
+    constexprs = dict(HAS_BIAS=True, HAS_SOFTCAP=True, ENTROPY=True, INTERP=False, BN=BN, BV=BV, BD=BD,
+                      PREC="ieee" if dtype == torch.float32 else "tf32")
+    fwd = {"p_lse": "*fp64", "p_zt": "*fp32", "p_spz": "*fp64"}
+    for kernel in (T._fwd_kernel, T._bwd_dh_kernel, T._bwd_dw_kernel):
+        names = kernel.arg_names
+        ptrs = {"p_h": "*" + name, "p_w": "*" + name, "p_b": "*" + name, "p_t": "*i64",
+                **(fwd if kernel is T._fwd_kernel else {})}
+        signature = {n: "constexpr" if n in constexprs else ptrs.get(n, "*fp32" if n.startswith("p_") else
+                     "i64" if n in INTS else "fp32") for n in names}
+        src = ASTSource(fn=kernel, signature=signature,
+                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", int(sys.argv[1]), 32),
+                                  options={"num_warps": num_warps, "num_stages": 3})
+        # bf16 tiles go to the tensor cores; float32 (IEEE products, for accuracy) to FMAs
+        assert ("mma" in compiled.asm["ptx"]) == (name == "bf16"), f"{kernel.__name__} {name}: unexpected PTX"
+print("compiled")
+"""
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_kernels_compile_for_gpus(arch, tmp_path):
+    """The GPU compilation (Triton -> PTX -> cubin with ptxas) of the kernels at the GPU block sizes, with every
+    option on, without a GPU: catches what the interpreter accepts and the compiler does not."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    if shutil.which("ptxas") is None and not os.environ.get("TRITON_PTXAS_PATH"):
+        pytest.skip("ptxas not found")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU, str(arch)], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
