@@ -41,6 +41,12 @@ def _inputs(n, d, v, dtype, device, *, bias=False, ignored=IGNORED, scale=3.0):
     return h, w, t, b
 
 
+def _split(options, **defaults):
+    """``(options without the keys of defaults, their values or the defaults)``."""
+    rest = {k: v for k, v in options.items() if k not in defaults}
+    return rest, [options.get(k, v) for k, v in defaults.items()]
+
+
 def _reference(h, w, t, b, opts, cast=None):
     """The reference on copies of the inputs (cast to ``cast``, e.g. float64), and those copies."""
     leaves = [None if x is None else x.detach().to(cast or x.dtype).requires_grad_() for x in (h, w, b)]
@@ -91,8 +97,7 @@ def check_against_reference(impl, h, w, t, b, *, atol=1e-5, entropy=True, name="
 @pytest.mark.parametrize("impl", IMPLS)
 def test_matches_reference(impl, dtype, opts, device, impl_on):
     impl_on(impl, device)
-    opts = dict(opts)
-    bias, entropy = opts.pop("bias", False), opts.pop("return_entropy", True)
+    opts, (bias, entropy) = _split(opts, bias=False, return_entropy=True)
     h, w, t, b = _inputs(N, D, V, dtype, device, bias=bias)
     check_against_reference(impl, h, w, t, b, entropy=entropy, name=f"{impl} {dtype}", **opts)
 
@@ -145,8 +150,7 @@ EXTREMES = {
 @pytest.mark.parametrize("impl", IMPLS)
 def test_extreme_logits(impl, dtype, case, device, impl_on):
     impl_on(impl, device)
-    case = dict(case)
-    bias_value, dominant = case.pop("bias_value", None), case.pop("dominant", None)
+    case, (bias_value, dominant) = _split(case, bias_value=None, dominant=None)
     h, w, t, b = _inputs(N, D, V, dtype, device, bias=True)
     with torch.no_grad():
         if bias_value is not None:

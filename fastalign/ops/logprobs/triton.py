@@ -178,6 +178,32 @@ def _load_rows(p_t, p_lse, p_spz, p_g, p_e, o_n, m_n, vocab_start, ENTROPY: tl.c
 
 
 @triton.jit
+def _ds_tile(p_h, p_w, p_b, o_n, o_v, m_n, m_v, b_y, b_lse, b_spz, b_g, b_e, D, stride_h, stride_w, scale, inv_temp,
+             softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, PREC: tl.constexpr,
+             INTERP: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
+    """The logit tile recomputed, then ``ds = dL/d(raw logit)`` [BN, BV] in float32."""
+    b_z, b_tanh = _logit_tile(p_h, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_h, stride_w, scale, inv_temp, softcap,
+                              HAS_BIAS, HAS_SOFTCAP, PREC, INTERP, BN, BV, BD)
+    return _grad_logit_tile(b_z, b_tanh, b_y, o_v, m_n, m_v, b_lse, b_spz, b_g, b_e, scale, inv_temp, softcap,
+                            HAS_SOFTCAP, ENTROPY)
+
+
+@triton.jit
+def _accumulate_rows(p_acc, o_r, m_r, b_a, p_x, o_x, m_x, stride_x, D, keep, PREC: tl.constexpr,
+                     INTERP: tl.constexpr, BD: tl.constexpr):
+    """``acc[o_r, :] = (acc[o_r, :] if keep else 0) + b_a @ x[o_x, :]``, D-block by D-block, for a float32
+    accumulator of row stride D owned by this program (so no atomics)."""
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m_d = o_d < D
+        p_out = p_acc + o_r[:, None] * D + o_d[None, :]
+        m_out = m_r[:, None] & m_d[None, :]
+        b_acc = tl.load(p_out, mask=m_out & keep, other=0.0)
+        b_x = tl.load(p_x + o_x[:, None] * stride_x + o_d[None, :], mask=m_x[:, None] & m_d[None, :], other=0.0)
+        tl.store(p_out, _dot(b_a, b_x, b_acc, PREC, INTERP), mask=m_out)
+
+
+@triton.jit
 def _bwd_dh_kernel(p_h, p_w, p_b, p_t, p_lse, p_spz, p_g, p_e, p_dh, N, V, D, stride_h, stride_w, vocab_start,
                    scale, inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    ENTROPY: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
@@ -189,21 +215,11 @@ def _bwd_dh_kernel(p_h, p_w, p_b, p_t, p_lse, p_spz, p_g, p_e, p_dh, N, V, D, st
     for v0 in range(0, V, BV):
         o_v = v0 + tl.arange(0, BV).to(tl.int64)
         m_v = o_v < V
-        b_z, b_tanh = _logit_tile(p_h, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_h, stride_w, scale, inv_temp,
-                                  softcap, HAS_BIAS, HAS_SOFTCAP, PREC, INTERP, BN, BV, BD)
-        b_ds = _grad_logit_tile(b_z, b_tanh, b_y, o_v, m_n, m_v, b_lse, b_spz, b_g, b_e, scale, inv_temp, softcap,
-                                HAS_SOFTCAP, ENTROPY)
-        b_ds = _round_to(b_ds, p_w.dtype.element_ty, INTERP)
-        for d0 in range(0, D, BD):
-            o_d = d0 + tl.arange(0, BD)
-            m_d = o_d < D
-            p_acc = p_dh + o_n[:, None] * D + o_d[None, :]
-            m_acc = m_n[:, None] & m_d[None, :]
-            # dh[n, :] = sum over V-blocks in order of ds[n, v] W[v, :]; the first block starts from zero.
-            b_acc = tl.load(p_acc, mask=m_acc & (v0 > 0), other=0.0)
-            b_w = tl.load(p_w + o_v[:, None] * stride_w + o_d[None, :], mask=m_v[:, None] & m_d[None, :], other=0.0)
-            b_acc = _dot(b_ds, b_w, b_acc, PREC, INTERP)
-            tl.store(p_acc, b_acc, mask=m_acc)
+        b_ds = _ds_tile(p_h, p_w, p_b, o_n, o_v, m_n, m_v, b_y, b_lse, b_spz, b_g, b_e, D, stride_h, stride_w, scale,
+                        inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, ENTROPY, PREC, INTERP, BN, BV, BD)
+        # dh[n, :] = sum over the V-blocks, in order, of ds[n, v] W[v, :]
+        _accumulate_rows(p_dh, o_n, m_n, _round_to(b_ds, p_w.dtype.element_ty, INTERP), p_w, o_v, m_v, stride_w, D,
+                         v0 > 0, PREC, INTERP, BD)
 
 
 @triton.jit
@@ -219,22 +235,12 @@ def _bwd_dw_kernel(p_h, p_w, p_b, p_t, p_lse, p_spz, p_g, p_e, p_dw, p_db, N, V,
         o_n = n0 + tl.arange(0, BN).to(tl.int64)
         m_n = o_n < N
         b_y, b_lse, b_spz, b_g, b_e = _load_rows(p_t, p_lse, p_spz, p_g, p_e, o_n, m_n, vocab_start, ENTROPY)
-        b_z, b_tanh = _logit_tile(p_h, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_h, stride_w, scale, inv_temp,
-                                  softcap, HAS_BIAS, HAS_SOFTCAP, PREC, INTERP, BN, BV, BD)
-        b_ds = _grad_logit_tile(b_z, b_tanh, b_y, o_v, m_n, m_v, b_lse, b_spz, b_g, b_e, scale, inv_temp, softcap,
-                                HAS_SOFTCAP, ENTROPY)
+        b_ds = _ds_tile(p_h, p_w, p_b, o_n, o_v, m_n, m_v, b_y, b_lse, b_spz, b_g, b_e, D, stride_h, stride_w, scale,
+                        inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, ENTROPY, PREC, INTERP, BN, BV, BD)
         b_db += tl.sum(b_ds, axis=0)
-        b_dsT = tl.trans(_round_to(b_ds, p_h.dtype.element_ty, INTERP))
-        for d0 in range(0, D, BD):
-            o_d = d0 + tl.arange(0, BD)
-            m_d = o_d < D
-            p_acc = p_dw + o_v[:, None] * D + o_d[None, :]
-            m_acc = m_v[:, None] & m_d[None, :]
-            # dW[v, :] = sum over N-blocks in order of ds[n, v] h[n, :]; the first block starts from zero.
-            b_acc = tl.load(p_acc, mask=m_acc & (n0 > 0), other=0.0)
-            b_h = tl.load(p_h + o_n[:, None] * stride_h + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-            b_acc = _dot(b_dsT, b_h, b_acc, PREC, INTERP)
-            tl.store(p_acc, b_acc, mask=m_acc)
+        # dW[v, :] = sum over the N-blocks, in order, of ds[n, v] h[n, :]
+        _accumulate_rows(p_dw, o_v, m_v, tl.trans(_round_to(b_ds, p_h.dtype.element_ty, INTERP)), p_h, o_n, m_n,
+                         stride_h, D, n0 > 0, PREC, INTERP, BD)
     if HAS_BIAS:
         tl.store(p_db + o_v, b_db, mask=m_v)
 
