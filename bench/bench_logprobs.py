@@ -52,7 +52,7 @@ def _naive(h, w, t, softcap=None, entropy=False):
 
 
 def providers(device: str) -> dict:
-    """name -> fn(h, w, t, softcap) returning the logprobs (or a tuple whose first item is). Only those that run."""
+    """name -> fn(h, w, t, softcap) returning the logprobs, or (logprobs, entropy). Only those that run here."""
     from fastalign import availability, linear_logprobs
     from fastalign.ops.logprobs import api
 
@@ -104,6 +104,12 @@ def providers(device: str) -> dict:
     return out
 
 
+def _combined(out):
+    """The [N] tensor to backpropagate from: the logprobs, plus the entropy for the providers that return it
+    (so their backward runs through both)."""
+    return out[0] + out[1] if isinstance(out, tuple) else out
+
+
 def _inputs(N, D, V, dtype, device, grad):
     g = torch.Generator(device="cpu").manual_seed(0)
     h = torch.randn(N, D, generator=g).to(device=device, dtype=dtype)
@@ -121,7 +127,6 @@ def measure(provider: str, mode: str, N, D, V, dtype, device, softcap=None, reps
     """Median ms of one (provider, mode) on one shape, in this process (and the CUDA peak on a GPU)."""
     fn = providers(device)[provider]
     h, w, t = _inputs(N, D, V, dtype, device, grad=mode != "no-grad")
-    first = lambda out: out[0] if isinstance(out, tuple) else out
     grad = torch.ones(N, device=device)
     if mode == "no-grad":
         def run():
@@ -132,7 +137,7 @@ def measure(provider: str, mode: str, N, D, V, dtype, device, softcap=None, reps
             fn(h, w, t, softcap)
     elif mode == "fwd+bwd":
         def run():
-            first(fn(h, w, t, softcap)).backward(grad)
+            _combined(fn(h, w, t, softcap)).backward(grad)
             h.grad = w.grad = None
     else:
         run = None
@@ -143,7 +148,7 @@ def measure(provider: str, mode: str, N, D, V, dtype, device, softcap=None, reps
     else:  # the backward alone: a fresh forward before each timed backward
         samples = []
         for i in range(reps + (0 if warmup == 0 else 1)):
-            out = first(fn(h, w, t, softcap))
+            out = _combined(fn(h, w, t, softcap))
             _sync(device)
             t0 = time.perf_counter()
             out.backward(grad)
@@ -152,7 +157,7 @@ def measure(provider: str, mode: str, N, D, V, dtype, device, softcap=None, reps
                 samples.append((time.perf_counter() - t0) * 1e3)
             h.grad = w.grad = None
         ms = sorted(samples)[len(samples) // 2]
-        run = lambda: first(fn(h, w, t, softcap)).backward(grad)
+        run = lambda: _combined(fn(h, w, t, softcap)).backward(grad)
     result = {"ms": ms}
     if torch.device(device).type == "cuda":
         result["peak_mib"] = _harness.cuda_peak_mib(run, device)
@@ -181,7 +186,6 @@ def _cpu_child(provider, mode, N, D, V, dtype_name, softcap, reps) -> dict:
     dtype = getattr(torch, dtype_name)
     fn = providers("cpu")[provider]
     h, w, t = _inputs(N, D, V, dtype, "cpu", grad=mode != "no-grad")
-    first = lambda out: out[0] if isinstance(out, tuple) else out
 
     def once():
         if mode == "no-grad":
@@ -190,7 +194,7 @@ def _cpu_child(provider, mode, N, D, V, dtype_name, softcap, reps) -> dict:
         elif mode == "fwd":
             fn(h, w, t, softcap)
         else:  # bwd and fwd+bwd have the same peak: the forward's saved tensors plus the backward's buffers
-            first(fn(h, w, t, softcap)).backward(torch.ones(N))
+            _combined(fn(h, w, t, softcap)).backward(torch.ones(N))
             h.grad = w.grad = None
 
     if provider == "compile":
