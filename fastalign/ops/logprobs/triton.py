@@ -1,37 +1,50 @@
 """Triton kernels of linear_logprobs: the logits are recomputed tile by tile and never written to memory.
 
-Design (N rows, D hidden size, V vocabulary, blocks BN x BV x BD fixed per (D, V, dtype), never per N):
+Design (N rows, D hidden size, V vocabulary, e bytes per input element; blocks BN x BV x BD fixed per
+(D, V, dtype), never per N: 64 x 128 x 64 for bf16/fp16, 64 x 64 x 32 for float32):
 
 - Forward ``_fwd_kernel``: grid over N-blocks. Each program loops over the V-blocks in order; for each it
-  forms the [BN, BV] logit tile with ``tl.dot`` over D-blocks (float32 accumulation; IEEE float32 products for
-  float32 inputs, tensor cores for bf16/fp16), applies bias, logit_scale, softcap and temperature in
+  forms the [BN, BV] logit tile with ``tl.dot`` over D-blocks (float32 accumulation; tensor cores for
+  bf16/fp16, IEEE float32 products for float32 inputs), applies bias, logit_scale, softcap and temperature in
   registers, and folds the tile into an online logsumexp (running max ``m``, ``s = sum exp(z - m)``), an online
-  ``t = sum exp(z - m) (z - m)`` for the entropy and the target's logit. Outputs ``lse = m + log s``,
+  ``t = sum exp(z - m) (z - m)`` for the entropy, and the target's logit. Outputs ``lse = m + log s``,
   ``z_target`` and ``sum_pz = m + t / s`` ([N] each; lse and sum_pz in float64 so that the entropy
-  ``lse - sum_pz = log s - t / s`` does not cancel at large logits). FLOPs 2·N·D·V; bytes read: h once per
-  V-block per program (from L1/L2), W once per N-block (ceil(N/BN)·V·D elements, mostly from L2).
+  ``lse - sum_pz = log s - t / s`` does not cancel at large logits).
+  FLOPs 2·N·D·V. Bytes: compulsory N·D·e + V·D·e + 20·N; W is streamed once per N-block,
+  ceil(N/BN)·V·D·e in all (from L2 when it is shared by the programs in flight), i.e. BN/e·2 = 64 FLOP per
+  byte of W at bf16.
 - Backward, without atomics, so it is deterministic (``deterministic=True`` costs nothing):
   ``_bwd_dh_kernel`` over N-blocks loops over V-blocks, recomputes the logit tile, forms
   ``ds = dL/d(raw logit)`` (formula below) and accumulates ``dh[BN, D] += ds W[BV, D]`` into a float32 [N, D]
-  buffer owned by the program (a read-modify-write of its own rows per V-block, 2·4·BN·D bytes, L2-resident);
-  ``_bwd_dw_kernel`` over V-blocks loops over N-blocks, recomputes the tile and accumulates
-  ``dW[BV, D] += ds^T h[BN, D]`` and ``db += sum_n ds`` the same way. FLOPs 4·N·D·V each, 8·N·D·V for the
-  backward (10·N·D·V with the forward); ``_bwd_dw_kernel`` is skipped when the weight needs no gradient.
+  buffer whose rows only this program touches; ``_bwd_dw_kernel`` over V-blocks loops over N-blocks,
+  recomputes the tile and accumulates ``dW[BV, D] += ds^T h[BN, D]`` and ``db += sum_n ds`` the same way.
+  FLOPs 4·N·D·V each: 8·N·D·V for the backward, 10·N·D·V with the forward. Bytes per tile step of the dh
+  kernel: 2·BV·D·e of W (logits, then dh) and a read-modify-write of its dh rows, 8·BN·D bytes, for
+  4·BN·BV·D FLOPs; in all ceil(N/BN)·2·V·D·e + ceil(V/BV)·8·N·D bytes (mostly L2), and symmetrically for the
+  dW kernel. ``_bwd_dw_kernel`` is skipped when the weight needs no gradient (a frozen head) and has no bias.
 - Gradient: with ``g = dL/dlogprob``, ``e = dL/dentropy``, ``p = exp(z - lse)``:
   ``dz_v = g (1[v = y] - p_v) - e p_v (z_v - sum_pz)``; ``z = c tanh(x / c) / T`` with ``x = scale (h W^T + b)``
-  gives ``ds = dz (1 - (z T / c)^2) scale / T``.
-- Workspace: besides the O(N) outputs, only the float32 gradient accumulators (the gradients themselves for
-  float32 inputs; for bf16/fp16 a float32 copy of the size of grad_hidden and grad_weight, cast at the end):
-  nothing grows with N x V.
-- Batch invariance: a row's forward reduction (over D inside ``tl.dot``, then over V-blocks in order) depends
-  only on the fixed block sizes, never on N, the other rows or the row's position.
+  gives ``ds = dz (1 - (z T / c)^2) scale / T``. ``ds`` is rounded to the input dtype before its tile products
+  (as the reference's autograd does), and accumulated in float32.
+- Workspace: nothing grows with N x V. Besides the O(N) outputs there are only the float32 gradient
+  accumulators: the gradients themselves for float32 inputs; for bf16/fp16, float32 copies of grad_hidden and
+  grad_weight (4·(N + V)·D bytes), cast at the end. Those are gradient-sized, not constant: keeping dW in
+  float32 is what the design asks for (bf16 accumulation of dW diverges), and an on-chip accumulator does not
+  fit ([BV, D] float32 is 1 MiB at D = 4096).
+- Batch invariance: a row's forward reduction (over D inside ``tl.dot``, then over the V-blocks in order)
+  depends only on the fixed block sizes, never on N, the other rows or the row's position.
+- Under ``TRITON_INTERPRET=1`` (the tests on CPU) the tile products are float32 sums over K in order
+  (``_dot``): the interpreter's own ``tl.dot`` calls the host BLAS, whose result for a row depends on its
+  position in the tile, and its bf16 path is broken in Triton 3.9; bf16 rounding is done on the bits there
+  (``_round_to``), since the interpreter's float32 -> bf16 cast truncates.
 
-What remains for the GPU targets (untested here: no GPU in this session): block sizes and warps are
-reasoned, not tuned; the forward has one program per N-block (64 programs at N=8192 with BN=128), the
-backward recomputes the logits twice (8·N·D·V against the 6·N·D·V floor of one recompute), and the dh/dW
-read-modify-write traffic could be kept in registers or shared memory for small D.
+Status and what remains for the GPU targets: the kernels compile for sm_80 and sm_90 (PTX and ptxas; a test
+checks it) but have not run on a GPU in this session, so block sizes, warps and stages are reasoned, not
+tuned. The forward has one program per N-block (128 programs at N = 8192, about one wave on an H100); the
+backward recomputes the logits twice (8·N·D·V, against 6·N·D·V with one recompute, which needs either
+atomics on dh/dW or a bounded ds buffer and cuBLAS-style products); the dh/dW read-modify-writes double the
+L2 traffic of the backward tile steps.
 """
-
 from __future__ import annotations
 
 import torch
