@@ -12,12 +12,14 @@ from fastalign.losses.ppo import fused_linear_ppo_loss, ppo_policy_loss, ppo_val
 from fastalign.losses.reward import reward_model_loss
 from fastalign.ops.gae import discounted_returns, gae
 from fastalign.ops.logprobs import linear_logprobs
+from fastalign.ops.logprobs.module import LinearLogprobs, causal_lm_logprobs
 from fastalign.ops.segment_sum import segment_sum
 
 __all__ = [
     "BCORunningMean",
     "FusedLinearDPOLoss",
     "ImplUnavailableError",
+    "LinearLogprobs",
     "__version__",
     "availability",
     "discounted_returns",
@@ -25,6 +27,7 @@ __all__ = [
     "gae",
     "dpo_loss",
     "fused_linear_dpo_loss",
+    "causal_lm_logprobs",
     "linear_logprobs",
     "ppo_policy_loss",
     "ppo_value_loss",
