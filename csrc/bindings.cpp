@@ -6,10 +6,17 @@
 
 TORCH_LIBRARY(fastalign, m) {
   m.def("segment_sum(Tensor values, Tensor cu_seqlens) -> Tensor");
+  m.def("linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, float temperature, "
+        "float? softcap, float logit_scale, int ignore_index, int vocab_start) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_logprobs_bwd(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, Tensor lse, "
+        "Tensor? sum_pz, Tensor grad_logprobs, Tensor? grad_entropy, float temperature, float? softcap, "
+        "float logit_scale, int ignore_index, int vocab_start) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastalign, CPU, m) {
   m.impl("segment_sum", &fastalign::segment_sum_cpu);
+  m.impl("linear_logprobs_fwd", &fastalign::linear_logprobs_fwd_cpu);
+  m.impl("linear_logprobs_bwd", &fastalign::linear_logprobs_bwd_cpu);
 }
 
 #ifdef WITH_CUDA
