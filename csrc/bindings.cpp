@@ -7,10 +7,12 @@
 TORCH_LIBRARY(fastalign, m) {
   m.def("segment_sum(Tensor values, Tensor cu_seqlens) -> Tensor");
   m.def("linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, float temperature, "
-        "float? softcap, float logit_scale, int ignore_index, int vocab_start) -> (Tensor, Tensor, Tensor)");
+        "float? softcap, float logit_scale, int ignore_index, int vocab_start, int vocab_size) -> "
+        "(Tensor, Tensor, Tensor)");
   m.def("linear_logprobs_bwd(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, Tensor lse, "
         "Tensor? sum_pz, Tensor grad_logprobs, Tensor? grad_entropy, float temperature, float? softcap, "
-        "float logit_scale, int ignore_index, int vocab_start) -> (Tensor, Tensor, Tensor)");
+        "float logit_scale, int ignore_index, int vocab_start, int vocab_size, bool compute_grad_weight) -> "
+        "(Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastalign, CPU, m) {

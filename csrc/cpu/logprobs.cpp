@@ -101,8 +101,27 @@ __attribute__((always_inline)) inline void process_row_impl(T* x, int64_t n, con
   }
 }
 
-// Row max, sum exp(z - m) and sum exp(z - m) z over a tile row (m = the new running max), each reduced
-// LANES-wise then across lanes in a fixed order.
+// Softmax statistics of a row, relative to its running max m: l = sum_v exp(z_v - m) and
+// t = sum_v exp(z_v - m) (z_v - m). Then lse = m + log l and sum_pz = m + t / l, and the entropy lse - sum_pz =
+// log l - t / l does not cancel however large the logits are. Merging two partial rows (m, l, t), (m2, l2, t2):
+// with M = max(m, m2), exp(z - M) = exp(z - m) exp(m - M) and z - M = (z - m) + (m - M), so
+// l' = l exp(m - M) + ..., t' = exp(m - M) (t + (m - M) l) + ... (an empty part has m = -inf).
+template <typename T>
+inline void merge_stats(T* m, T* l, T* t, T m2, T l2, T t2) {
+  if (m2 == -std::numeric_limits<T>::infinity()) return;
+  if (*m == -std::numeric_limits<T>::infinity()) {
+    *m = m2, *l = l2, *t = t2;
+    return;
+  }
+  const T M = std::max(*m, m2);
+  const T a = std::exp(*m - M), b = std::exp(m2 - M);
+  *t = a * (*t + (*m - M) * *l) + b * (t2 + (m2 - M) * l2);
+  *l = a * *l + b * l2;
+  *m = M;
+}
+
+// Folds one tile row into (m, l, t): the tile's own max and sums (reduced LANES-wise, then across lanes in a
+// fixed order), merged into the running values.
 template <typename T>
 __attribute__((always_inline)) inline void row_stats_impl(const T* z, int64_t n, T* m, T* l, T* t) {
   T mx[LANES];
@@ -111,30 +130,29 @@ __attribute__((always_inline)) inline void row_stats_impl(const T* z, int64_t n,
   for (; v + LANES <= n; v += LANES)
     for (int64_t k = 0; k < LANES; ++k) mx[k] = z[v + k] > mx[k] ? z[v + k] : mx[k];
   for (int64_t k = 0; v + k < n; ++k) mx[k] = z[v + k] > mx[k] ? z[v + k] : mx[k];
-  T m_new = *m;
-  for (int64_t k = 0; k < LANES; ++k) m_new = mx[k] > m_new ? mx[k] : m_new;
+  T mt = mx[0];
+  for (int64_t k = 1; k < LANES; ++k) mt = mx[k] > mt ? mx[k] : mt;
   T sl[LANES] = {}, st[LANES] = {};
   for (v = 0; v + LANES <= n; v += LANES) {
     for (int64_t k = 0; k < LANES; ++k) {
-      const T e = exp_approx(z[v + k] - m_new);
+      const T d = z[v + k] - mt;
+      const T e = exp_approx(d);
       sl[k] += e;
-      st[k] += e * z[v + k];
+      st[k] += e * d;
     }
   }
   for (int64_t k = 0; v + k < n; ++k) {
-    const T e = exp_approx(z[v + k] - m_new);
+    const T d = z[v + k] - mt;
+    const T e = exp_approx(d);
     sl[k] += e;
-    st[k] += e * z[v + k];
+    st[k] += e * d;
   }
-  const T rescale = *m == -std::numeric_limits<T>::infinity() ? T(0) : std::exp(*m - m_new);
-  T l_new = *l * rescale, t_new = *t * rescale;
+  T lt = 0, tt = 0;
   for (int64_t k = 0; k < LANES; ++k) {
-    l_new += sl[k];
-    t_new += st[k];
+    lt += sl[k];
+    tt += st[k];
   }
-  *m = m_new;
-  *l = l_new;
-  *t = t_new;
+  merge_stats(m, l, t, mt, lt, tt);
 }
 
 // z <- dx (see the header) in place; y is the target's column in this tile (outside [0, n): not here).
@@ -232,7 +250,7 @@ struct Plan {
 template <typename scalar_t, typename acc_t>
 Plan<scalar_t, acc_t> make_plan(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                                 const std::optional<at::Tensor>& bias, const Opts& opts, int64_t ignore_index,
-                                int64_t vocab_start) {
+                                int64_t vocab_start, int64_t vocab_size) {
   Plan<scalar_t, acc_t> p;
   p.h = hidden.data_ptr<scalar_t>();
   p.w = weight.data_ptr<scalar_t>();
@@ -243,9 +261,11 @@ Plan<scalar_t, acc_t> make_plan(const at::Tensor& hidden, const at::Tensor& weig
   p.vocab_start = vocab_start;
   p.opts = opts;
   const int64_t* y = targets.data_ptr<int64_t>();
+  const int64_t bound = vocab_size > 0 ? vocab_size : vocab_start + p.V;
   for (int64_t n = 0; n < p.N; ++n) {
     if (y[n] == ignore_index) continue;
-    FA_CHECK_VALUE(y[n] >= 0, "targets must be >= 0 or ignore_index=", ignore_index, "; got ", y[n], " at row ", n);
+    FA_CHECK_VALUE(y[n] >= 0 && y[n] < bound, "targets must be in [0, ", bound, ") or ignore_index=", ignore_index,
+                   "; got ", y[n], " at row ", n);
     p.rows.push_back(n);
     p.ylocal.push_back(y[n] - vocab_start);
   }
@@ -256,18 +276,13 @@ Plan<scalar_t, acc_t> make_plan(const at::Tensor& hidden, const at::Tensor& weig
   return p;
 }
 
-template <typename acc_t>
-at::ScalarType acc_type() {
-  return std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
-}
-
-// Forward: lse, z_target, sum_pz per row (0 on ignored rows).
+// Forward: lse, z_target, sum_pz per row (0 on ignored rows); lse and sum_pz in float64 (see merge_stats).
 template <typename scalar_t, typename acc_t>
-void fwd_kernel(const Plan<scalar_t, acc_t>& p, acc_t* lse, acc_t* zt, acc_t* spz) {
+void fwd_kernel(const Plan<scalar_t, acc_t>& p, double* lse, acc_t* zt, double* spz) {
   const int64_t S = p.n_chunks, D = p.D;
-  std::fill(lse, lse + p.N, acc_t(0));
+  std::fill(lse, lse + p.N, 0.0);
   std::fill(zt, zt + p.N, acc_t(0));
-  std::fill(spz, spz + p.N, acc_t(0));
+  std::fill(spz, spz + p.N, 0.0);
   std::vector<acc_t> hblk(BN * D);
   std::vector<acc_t> stats(S * BN * 3);  // per chunk and row: running max, sum exp, sum exp * z
   std::vector<acc_t> zt_blk(BN);
@@ -295,25 +310,22 @@ void fwd_kernel(const Plan<scalar_t, acc_t>& p, acc_t* lse, acc_t* zt, acc_t* sp
         }
       }
     });
-    for (int64_t r = 0; r < nr; ++r) {
-      acc_t m = -std::numeric_limits<acc_t>::infinity(), l = 0, tz = 0;
-      for (int64_t c = 0; c < S; ++c) m = std::max(m, stats[(c * BN + r) * 3]);
+    for (int64_t r = 0; r < nr; ++r) {  // chunks merged in order, in float64
+      double m = -std::numeric_limits<double>::infinity(), l = 0, tz = 0;
       for (int64_t c = 0; c < S; ++c) {
         const acc_t* st = &stats[(c * BN + r) * 3];
-        const acc_t f = std::exp(st[0] - m);
-        l += st[1] * f;
-        tz += st[2] * f;
+        merge_stats<double>(&m, &l, &tz, st[0], st[1], st[2]);
       }
       const int64_t n = p.rows[blk * BN + r];
       lse[n] = m + std::log(l);
-      spz[n] = tz / l;
+      spz[n] = m + tz / l;
       zt[n] = zt_blk[r];
     }
   }
 }
 
-// Backward: grad_hidden [N, D] (scalar_t), grad_weight accumulated into gw [V, D] (acc_t, zeroed), grad_bias
-// into gb [V] (acc_t, zeroed; null without bias).
+// Backward: grad_hidden [N, D] (scalar_t), grad_weight accumulated into gw [V, D] (acc_t, zeroed; null: not
+// wanted), grad_bias into gb [V] (acc_t, zeroed; null without bias).
 template <typename scalar_t, typename acc_t>
 void bwd_kernel(const Plan<scalar_t, acc_t>& p, const acc_t* lse, const acc_t* spz, const acc_t* g,
                 const acc_t* e, scalar_t* gh, acc_t* gw, acc_t* gb) {
@@ -340,7 +352,9 @@ void bwd_kernel(const Plan<scalar_t, acc_t>& p, const acc_t* lse, const acc_t* s
           }
           const at::Tensor dx = mat(tile.data(), nr, nv);
           mat(dh, nr, D).addmm_(dx, mat(wt, nv, D));                       // dh [nr, D] += dx W_tile
-          mat(gw + t * BV * D, nv, D).addmm_(dx.t(), mat(hblk.data(), nr, D));  // dW_tile += dx^T h
+          if (gw != nullptr) {  // dW_tile += dx^T h
+            mat(gw + t * BV * D, nv, D).addmm_(dx.t(), mat(hblk.data(), nr, D));
+          }
           if (gb != nullptr) {
             for (int64_t r = 0; r < nr; ++r)
               for (int64_t v = 0; v < nv; ++v) gb[t * BV + v] += tile[r * nv + v];
@@ -367,7 +381,7 @@ void bwd_kernel(const Plan<scalar_t, acc_t>& p, const acc_t* lse, const acc_t* s
 
 Opts check_common(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                   const std::optional<at::Tensor>& bias, double temperature, std::optional<double> softcap,
-                  double logit_scale, int64_t vocab_start) {
+                  double logit_scale, int64_t vocab_start, int64_t vocab_size) {
   check_dim(hidden, "hidden", 2);
   check_floating(hidden, "hidden");
   check_dim(weight, "weight", 2);
@@ -397,6 +411,9 @@ Opts check_common(const at::Tensor& hidden, const at::Tensor& weight, const at::
                  "softcap must be None or a finite number > 0; got ", softcap.value_or(0));
   FA_CHECK_VALUE(std::isfinite(logit_scale), "logit_scale must be finite; got ", logit_scale);
   FA_CHECK_VALUE(vocab_start >= 0, "vocab_start must be >= 0; got ", vocab_start);
+  FA_CHECK_VALUE(vocab_size == 0 || vocab_start + weight.size(0) <= vocab_size,
+                 "vocab_size must be 0 (this weight's V) or hold the shard [vocab_start, vocab_start + V) = [",
+                 vocab_start, ", ", vocab_start + weight.size(0), "); got ", vocab_size);
   return Opts{temperature, softcap.value_or(0.0), logit_scale};
 }
 
@@ -421,18 +438,19 @@ at::Tensor per_row(const at::Tensor& t, const char* name, int64_t N, at::ScalarT
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
     const std::optional<at::Tensor>& bias, double temperature, std::optional<double> softcap, double logit_scale,
-    int64_t ignore_index, int64_t vocab_start) {
-  const Opts opts = check_common(hidden, weight, targets, bias, temperature, softcap, logit_scale, vocab_start);
+    int64_t ignore_index, int64_t vocab_start, int64_t vocab_size) {
+  const Opts opts =
+      check_common(hidden, weight, targets, bias, temperature, softcap, logit_scale, vocab_start, vocab_size);
   const at::Tensor h = hidden.contiguous(), w = weight.contiguous(), y = targets.to(at::kLong).contiguous();
   const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : bias;
   const int64_t N = h.size(0);
   const auto acc = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor lse = new_output({N}, h.options().dtype(acc));
+  at::Tensor lse = new_output({N}, h.options().dtype(at::kDouble));
   at::Tensor zt = new_output({N}, h.options().dtype(acc));
-  at::Tensor spz = new_output({N}, h.options().dtype(acc));
+  at::Tensor spz = new_output({N}, h.options().dtype(at::kDouble));
   FA_DISPATCH_LOGPROBS(h.scalar_type(), "linear_logprobs_fwd_cpu", [&] {
-    const auto plan = make_plan<scalar_t, acc_t>(h, w, y, b, opts, ignore_index, vocab_start);
-    fwd_kernel(plan, lse.data_ptr<acc_t>(), zt.data_ptr<acc_t>(), spz.data_ptr<acc_t>());
+    const auto plan = make_plan<scalar_t, acc_t>(h, w, y, b, opts, ignore_index, vocab_start, vocab_size);
+    fwd_kernel(plan, lse.data_ptr<double>(), zt.data_ptr<acc_t>(), spz.data_ptr<double>());
   });
   return {lse, zt, spz};
 }
@@ -441,8 +459,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
     const std::optional<at::Tensor>& bias, const at::Tensor& lse, const std::optional<at::Tensor>& sum_pz,
     const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy, double temperature,
-    std::optional<double> softcap, double logit_scale, int64_t ignore_index, int64_t vocab_start) {
-  const Opts opts = check_common(hidden, weight, targets, bias, temperature, softcap, logit_scale, vocab_start);
+    std::optional<double> softcap, double logit_scale, int64_t ignore_index, int64_t vocab_start, int64_t vocab_size,
+    bool compute_grad_weight) {
+  const Opts opts =
+      check_common(hidden, weight, targets, bias, temperature, softcap, logit_scale, vocab_start, vocab_size);
   FA_CHECK_VALUE(!grad_entropy.has_value() || sum_pz.has_value(),
                  "sum_pz must be given with grad_entropy (the entropy's gradient needs it); got None");
   const at::Tensor h = hidden.contiguous(), w = weight.contiguous(), y = targets.to(at::kLong).contiguous();
@@ -458,15 +478,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
   }
   at::Tensor gh = new_output({N, D}, h.options());
   // grad_weight (and grad_bias) accumulate in the accumulation type; in place when that is the input dtype.
-  at::Tensor gw = new_output({V, D}, h.options());
-  at::Tensor gw_acc = h.scalar_type() == acc ? gw : at::empty({V, D}, h.options().dtype(acc));
+  const int64_t gw_rows = compute_grad_weight ? V : 0;  // a frozen LM head: no grad_weight, one gemm less
+  at::Tensor gw = new_output({gw_rows, D}, h.options());
+  at::Tensor gw_acc = h.scalar_type() == acc ? gw : at::empty({gw_rows, D}, h.options().dtype(acc));
   gw_acc.zero_();
   at::Tensor gb = new_output({b.has_value() ? V : 0}, h.options());
   at::Tensor gb_acc = at::zeros({b.has_value() ? V : 0}, h.options().dtype(acc));
   FA_DISPATCH_LOGPROBS(h.scalar_type(), "linear_logprobs_bwd_cpu", [&] {
-    const auto plan = make_plan<scalar_t, acc_t>(h, w, y, b, opts, ignore_index, vocab_start);
+    const auto plan = make_plan<scalar_t, acc_t>(h, w, y, b, opts, ignore_index, vocab_start, vocab_size);
     bwd_kernel(plan, lse_a.data_ptr<acc_t>(), spz_a ? spz_a->data_ptr<acc_t>() : nullptr, g_a.data_ptr<acc_t>(),
-               e_a ? e_a->data_ptr<acc_t>() : nullptr, gh.data_ptr<scalar_t>(), gw_acc.data_ptr<acc_t>(),
+               e_a ? e_a->data_ptr<acc_t>() : nullptr, gh.data_ptr<scalar_t>(),
+               compute_grad_weight ? gw_acc.data_ptr<acc_t>() : nullptr,
                b.has_value() ? gb_acc.data_ptr<acc_t>() : nullptr);
   });
   if (!gw_acc.is_same(gw)) gw.copy_(gw_acc);
