@@ -29,7 +29,7 @@ from fastalign.ops.logprobs.api import LogprobsParams
 N, D, V, provider, mode, reps = {N}, {D}, {V}, {provider!r}, {mode!r}, {reps}
 torch.manual_seed(0)
 h = torch.randn(N, D)
-w = torch.randn(V, D) / D ** 0.5
+w = torch.randn(V, D).div_(D ** 0.5)  # in place: a temporary copy would raise the peak before the baseline
 y = torch.randint(0, V, (N,))
 g = torch.randn(N)
 params = LogprobsParams()

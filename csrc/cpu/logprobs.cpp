@@ -9,10 +9,12 @@
 // [BN, D] x [D, bv] gives the raw logits (float32, or float64 for float64 inputs; bf16/fp16 operands are
 // upcast per tile), which are processed in place.
 //
-// Batch invariance: a row's logits come from gemms of one shape whatever N is (padding the last row block),
-// per-row reductions over a tile use a fixed lane layout, and the online logsumexp merges tiles in vocabulary
-// order within a chunk and chunks in chunk order. Nothing a row sees depends on N, on the other rows or on
-// the thread count, so its outputs are bitwise identical wherever it sits.
+// Batch invariance: a row's logits come from gemms of one shape whatever N is (padding the last row block;
+// MKL's sgemm does give a row other bits when the call has 1-3 rows instead of 64), per-row reductions over a
+// tile use a fixed lane layout, and the online logsumexp merges tiles in vocabulary order within a chunk and
+// chunks in chunk order (the final merge in float64: lse and sum_pz are returned in float64, sum_pz as
+// max + sum p (z - max), so that the entropy lse - sum_pz does not cancel at large logits). Nothing a row sees
+// depends on N, on the other rows or on where it sits, so its outputs are bitwise identical.
 //
 // Backward, per tile, with p = exp(z - lse) from the given (global) lse, g = dL/dlogprob, e = dL/dentropy:
 //   logprob = z_y - lse             -> dz_v = g (1[v=y] - p_v)
@@ -284,7 +286,7 @@ void fwd_kernel(const Plan<scalar_t, acc_t>& p, double* lse, acc_t* zt, double* 
   std::fill(zt, zt + p.N, acc_t(0));
   std::fill(spz, spz + p.N, 0.0);
   std::vector<acc_t> hblk(BN * D);
-  std::vector<acc_t> stats(S * BN * 3);  // per chunk and row: running max, sum exp, sum exp * z
+  std::vector<acc_t> stats(S * BN * 3);  // per chunk and row: (m, l, t) of merge_stats
   std::vector<acc_t> zt_blk(BN);
   for (int64_t blk = 0; blk < p.n_blocks(); ++blk) {
     const int64_t nr = p.block_rows(blk);

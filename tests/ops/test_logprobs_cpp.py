@@ -9,6 +9,8 @@ from dataclasses import replace
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fastalign.ops.logprobs import api, naive
 from fastalign.ops.logprobs.api import LogprobsParams
@@ -353,3 +355,15 @@ def test_through_the_autograd_function(dtype):
     for out, r64, rlow, what in [(lp, lp64, ref_lp, "logprobs"), (ent, ent64, ref_ent, "entropy")] + \
             [(t.grad, r, rl, "grad") for t, r, rl in zip(leaves, grads64, ref_grads)]:
         assert_close_to_ref(out, r64, rlow, atol=2e-6 * (1 + float(r64.abs().max())), name=f"Function {what}")
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(0, 140), d=st.integers(1, 70), v=st.integers(1, 1600), bias=st.booleans(),
+       temperature=st.sampled_from([1.0, 0.6]), softcap=st.sampled_from([None, 3.0]),
+       ignore_frac=st.sampled_from([0.0, 0.5, 1.0]), seed=st.integers(0, 2**31 - 1))
+def test_property_shapes_and_options_match_reference(n, d, v, bias, temperature, softcap, ignore_frac, seed):
+    """Shapes across the kernel's block boundaries (rows: 64, vocabulary tiles: 512), options and ignored rows."""
+    torch.manual_seed(seed)
+    h, w, y, b = _inputs(n, d, v, torch.float32, bias=bias, ignore_frac=ignore_frac)
+    params = LogprobsParams(return_entropy=True, temperature=temperature, softcap=softcap)
+    _check_against_reference(h, w, y, b, params, name=f"n={n} d={d} v={v}")
