@@ -33,5 +33,17 @@ at::Tensor discounted_returns_cuda(const at::Tensor& rewards, const c10::optiona
                                    const c10::optional<at::Tensor>& cu_seqlens,
                                    const c10::optional<at::Tensor>& bootstrap, double gamma);
 #endif
+// linear_logprobs: (hidden [N, D], weight [V, D], targets [N], bias [V]?) -> (lse, z_target, sum_pz) [N] and the
+// backward -> (grad_hidden [N, D], grad_weight [V, D] or [0, D], grad_bias [V] or [0]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, double temperature, std::optional<double> softcap, double logit_scale,
+    int64_t ignore_index, int64_t vocab_start, int64_t vocab_size);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lse, const std::optional<at::Tensor>& sum_pz,
+    const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy, double temperature,
+    std::optional<double> softcap, double logit_scale, int64_t ignore_index, int64_t vocab_start, int64_t vocab_size,
+    bool compute_grad_weight);
 
 }  // namespace fastalign

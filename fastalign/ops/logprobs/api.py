@@ -35,7 +35,7 @@ from fastalign._backend import resolve_impl
 from fastalign._utils import FLOAT_DTYPES, check_same_device, check_tensor
 from fastalign.ops.logprobs import naive
 
-IMPLS = ("torch", "triton")
+IMPLS = ("torch", "triton", "cpp")
 
 
 
