@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -145,13 +146,20 @@ class Run:
             if self._tb is not None:
                 for k, v in metrics.items():
                     self._tb.add_scalar(k, float(v), step)
+        if self._bar is None and show:
+            self.say(f"{self.command} step {step}: " + ", ".join(f"{k} {float(metrics[k]):.4g}" for k in show
+                                                                 if k in metrics))
         if self._bar is not None and show:
             self._postfix.update({k.split("/")[-1]: f"{float(metrics[k]):.3g}" for k in show if k in metrics})
             self._bar.set_postfix(self._postfix, refresh=False)
 
-    def advance(self) -> None:
+    def advance(self, step: int) -> None:
+        """After step ``step`` (1-based) is done. ``FASTALIGN_FAULT_KILL_AT_STEP=k`` SIGKILLs the process here at
+        step k (fault injection: the resume tests kill a real run at a known point)."""
         if self._bar is not None:
             self._bar.update(1)
+        if step == int(os.environ.get("FASTALIGN_FAULT_KILL_AT_STEP", "0")):
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def say(self, text: str) -> None:
         if not self.main:

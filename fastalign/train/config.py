@@ -55,6 +55,7 @@ class TrainConfig:
     logging_steps: int = field(default=10, metadata={"help": "write metrics every this many steps"})
     seed: int = 0
     device: str = field(default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda, cuda:1"})
+    dtype: str = field(default="float32", metadata={"help": "dtype of the weights: float32, bfloat16, float64"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast on GPU (ignored on CPU)"})
     gradient_checkpointing: bool = False
     resume: str = field(default="", metadata={"help": "'latest': the newest checkpoint in output_dir; or a "
@@ -62,6 +63,12 @@ class TrainConfig:
     report_to_tensorboard: bool = field(default=True, metadata={"help": "also log to TensorBoard when installed"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots of the curves at the end"})
     progress_bar: bool = True
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
 
 
 @dataclass
@@ -161,7 +168,8 @@ def _validate(cfg, command: str) -> None:
               ("per_device_train_batch_size", cfg.per_device_train_batch_size >= 1, ">= 1"),
               ("gradient_accumulation_steps", cfg.gradient_accumulation_steps >= 1, ">= 1"),
               ("learning_rate", cfg.learning_rate >= 0, ">= 0"), ("warmup_steps", cfg.warmup_steps >= 0, ">= 0"),
-              ("truncation_mode", cfg.truncation_mode in ("keep_end", "keep_start"), "keep_end or keep_start")]
+              ("truncation_mode", cfg.truncation_mode in ("keep_end", "keep_start"), "keep_end or keep_start"),
+              ("dtype", cfg.dtype in ("float32", "bfloat16", "float64"), "float32, bfloat16 or float64")]
     if isinstance(cfg, DPOConfig):
         from fastalign.losses.dpo import LOSS_TYPES
 

@@ -116,7 +116,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     tok = load_tokenizer(cfg.tokenizer or start_model)
     train, held_out, prompts, skipped = setup_data(cfg, "pref", encode_pref_row, run, tok)
     resume_path, state = run.resume_point()
-    lm = load_model(str(resume_path) if resume_path else start_model, seed=cfg.seed)
+    lm = load_model(str(resume_path) if resume_path else start_model, seed=cfg.seed, dtype=cfg.torch_dtype)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = run.wrap(SequenceLogps(lm))
@@ -125,7 +125,8 @@ def train_dpo(cfg: DPOConfig) -> dict:
     ref_lm = ref = train_ref = held_out_ref = None
     if not all(t in REFERENCE_FREE for t in cfg.loss_type):
         moving = cfg.sync_ref_model and resume_path is not None
-        ref_lm = load_model(str(resume_path / "ref") if moving else start_model, seed=cfg.seed).eval()
+        ref_lm = load_model(str(resume_path / "ref") if moving else start_model, seed=cfg.seed,
+                            dtype=cfg.torch_dtype).eval()
         ref_lm.requires_grad_(False)
         if cfg.precompute_ref_log_probs:
             cache = Path(cfg.output_dir) / "cache"
@@ -168,7 +169,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
             loss, metrics = dpo_batch_loss(policy, batch, ref_logps, cfg, run, bco)
             run.check_finite(loss, step)
             (loss / accum).backward()  # every micro-batch has as many pairs: the cycle's mean over pairs
-            for k, v in {"loss": loss, **metrics}.items():
+            for k, v in {"loss": loss.detach(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / accum
         grad_norm = run.step(policy, opt, sched)
         done = step + 1
@@ -185,7 +186,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
             moving = {"ref": ref_lm} if ref_lm is not None and cfg.sync_ref_model else None
             run.save(done, lm, tok, opt, sched, stream.consumed,
                      {"before": before, "bco": None if bco is None else bco.state_dict()}, moving)
-        run.advance()
+        run.advance(done)
 
     summary = {"steps": cfg.max_steps, "start_model": start_model, "final_model": str(run.save_final(lm, tok))}
     after = dict(run.history[-1]) if held_out and run.history else {}

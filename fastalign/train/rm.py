@@ -43,7 +43,7 @@ def train_rm(cfg: RMConfig) -> dict:
     train, held_out, _, skipped = setup_data(cfg, "pref", encode_pref_row, run, tok)
     resume_path, state = run.resume_point()
     source = str(resume_path) if resume_path else cfg.model
-    lm = load_model(source, seed=cfg.seed)
+    lm = load_model(source, seed=cfg.seed, dtype=cfg.torch_dtype)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with torch.random.fork_rng(devices=[]):
@@ -69,7 +69,7 @@ def train_rm(cfg: RMConfig) -> dict:
                                               center_rewards_coefficient=cfg.center_rewards_coefficient or None)
             run.check_finite(loss, step)
             (loss / accum).backward()
-            for k, v in {"loss": loss, **metrics}.items():
+            for k, v in {"loss": loss.detach(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / accum
         grad_norm = run.step(rm, opt, sched)
         done = step + 1
@@ -82,7 +82,7 @@ def train_rm(cfg: RMConfig) -> dict:
         if run.every(cfg.save_steps, done):
             run.save(done, lm, tok, opt, sched, stream.consumed,
                      extra_models={"value_head": lambda d: save_value_head(module.value_head, d)})
-        run.advance()
+        run.advance(done)
 
     final = run.save_final(lm, tok, lambda d: save_value_head(module.value_head, d))
     summary = {"steps": cfg.max_steps, "final_model": str(final)}

@@ -53,7 +53,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     encode = encode_sft_row if cfg.completion_only_loss else _full_sequence_loss
     train, held_out, prompts, skipped = setup_data(cfg, "sft", encode, run, tok)
     resume_path, state = run.resume_point()
-    lm = load_model(str(resume_path) if resume_path else cfg.model, seed=cfg.seed)
+    lm = load_model(str(resume_path) if resume_path else cfg.model, seed=cfg.seed, dtype=cfg.torch_dtype)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = run.wrap(SequenceLogps(lm))
@@ -80,7 +80,7 @@ def train_sft(cfg: SFTConfig) -> dict:
             loss = -logps.sum() * run.world / n_tokens
             run.check_finite(loss, step)
             loss.backward()
-            loss_sum += float(loss) / run.world
+            loss_sum += float(loss.detach()) / run.world
         grad_norm = run.step(policy, opt, sched)
         (loss_all,) = run.sum_all(loss_sum)
         done = step + 1
@@ -92,7 +92,7 @@ def train_sft(cfg: SFTConfig) -> dict:
                     show=("eval_loss",))
         if run.every(cfg.save_steps, done):
             run.save(done, lm, tok, opt, sched, stream.consumed, {"exact_match_before": before})
-        run.advance()
+        run.advance(done)
 
     summary = {"steps": cfg.max_steps, "final_model": str(run.save_final(lm, tok))}
     if held_out:
