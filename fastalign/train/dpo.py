@@ -162,8 +162,8 @@ def train_dpo(cfg: DPOConfig) -> dict:
             if train_ref is not None:
                 ref_logps = (train_ref[idx, 0], train_ref[idx, 1])
             elif ref is not None:
-                ref_logps = pair_logps(ref, batch, run)[:2]
-                ref_logps = (ref_logps[0].detach(), ref_logps[1].detach())
+                with torch.no_grad():
+                    ref_logps = pair_logps(ref, batch, run)[:2]
             else:
                 ref_logps = None
             loss, metrics = dpo_batch_loss(policy, batch, ref_logps, cfg, run, bco)
