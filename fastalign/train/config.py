@@ -232,25 +232,58 @@ def build_parser(cls, command: str, description: str) -> argparse.ArgumentParser
     return parser
 
 
+_BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")
+
+
+def _split_argv(cls, command: str, argv: list[str]) -> tuple[str | None, dict]:
+    """``(config_file, {key: value})`` from ``--key value``, ``--key=value``, ``--flag`` and ``key=value``."""
+    fields = _fields(cls)
+    config, values, i = None, {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            if not eq:
+                is_bool = key in fields and _base_type(fields[key][1])[0] is bool
+                if is_bool and not (i + 1 < len(argv) and argv[i + 1].lower() in _BOOL_WORDS):
+                    value = "true"  # a bare --flag
+                elif i + 1 < len(argv):
+                    i, value = i + 1, argv[i + 1]
+                else:
+                    raise ConfigError(f"{command}: --{key} needs a value")
+        elif "=" in arg:
+            key, value = arg.split("=", 1)
+            key = key.strip()
+        else:
+            raise ConfigError(f"{command}: arguments must be key=value or --key value; got {arg!r}")
+        if key == "config":
+            config = value
+        else:
+            values[key] = value
+        i += 1
+    return config, values
+
+
 def parse_args(cls, command: str, argv: list[str], description: str = ""):
-    """``fastalign <command>`` arguments -> a validated ``cls`` config (defaults < YAML file < command line)."""
-    parser = build_parser(cls, command, description or (cls.__doc__ or "").strip())
-    args = parser.parse_args(argv)
+    """``fastalign <command>`` arguments -> a validated ``cls`` config (defaults < YAML file < command line).
+
+    ``-h``/``--help`` prints every option with its type and default and exits.
+    """
+    if "-h" in argv or "--help" in argv:
+        build_parser(cls, command, description or (cls.__doc__ or "").strip()).print_help()
+        raise SystemExit(0)
+    config, cli_values = _split_argv(cls, command, argv)
     values: dict = {}
-    if args.config:
+    if config:
         import yaml
 
-        with open(args.config) as f:
+        with open(config) as f:
             loaded = yaml.safe_load(f) or {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{args.config} must hold a mapping of option: value; got {type(loaded).__name__}")
+            raise ConfigError(f"{config} must hold a mapping of option: value; got {type(loaded).__name__}")
         values.update(loaded)
-    for item in args.overrides:
-        if "=" not in item:
-            raise ConfigError(f"{command}: overrides must be key=value; got {item!r}")
-        key, value = item.split("=", 1)
-        values[key.strip()] = value
-    values.update({k: v for k, v in vars(args).items() if k not in ("config", "overrides")})
+    values.update(cli_values)
     return make_config(cls, values, command)
 
 
