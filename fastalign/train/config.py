@@ -93,11 +93,13 @@ class RMConfig(TrainConfig):
 class DPOConfig(TrainConfig):
     """``fastalign dpo``: the DPO family on prompt/chosen/rejected rows."""
 
-    max_steps: int = 200
-    learning_rate: float = 1e-3
+    max_steps: int = 150
+    learning_rate: float = 5e-4
+    eval_steps: int = 50
     beta: float = field(default=0.1, metadata={"help": "temperature of the implicit reward"})
-    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={
-        "help": "one or more of fastalign.losses.dpo.LOSS_TYPES, comma separated (weighted by loss_weights)"})
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid", "sft"], metadata={
+        "help": "one or more of fastalign.losses.dpo.LOSS_TYPES, comma separated (weighted by loss_weights); "
+                "the default sigmoid,sft is DPO plus the chosen NLL (RPO); TRL's default is sigmoid"})
     loss_weights: list[float] = field(default_factory=list, metadata={"help": "one weight per loss type"})
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
