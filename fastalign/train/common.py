@@ -40,6 +40,10 @@ class Run:
         if device == "cuda" and self.world > 1:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         self.device = torch.device(device)
+        self._threads = torch.get_num_threads()  # restored by finish()
+        threads = cfg.cpu_threads or (1 if cfg.model == "embedded" else 0)
+        if threads and self.device.type == "cpu":
+            torch.set_num_threads(threads)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.main = self.rank == 0
@@ -186,6 +190,7 @@ class Run:
                 print(f"  {k}: {round(v, 4) if isinstance(v, float) else v}")
         if self.world > 1 and dist.is_initialized():
             dist.barrier()
+        torch.set_num_threads(self._threads)
         return summary
 
     # ---- checkpoints -------------------------------------------------------------------------------------------

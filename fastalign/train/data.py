@@ -143,8 +143,8 @@ class Encoder:
             if self.tok.eos_token_id is not None:
                 c = c + [self.tok.eos_token_id]
         else:
-            raise DataError(f"{where}: prompt and completion must both be strings, or chat messages "
-                            f"(lists of {{role, content}}); got {type(prompt).__name__} and {type(completion).__name__}")
+            raise DataError(f"{where}: prompt and completion must both be strings, or chat messages (lists of "
+                            f"{{role, content}}); got {type(prompt).__name__} and {type(completion).__name__}")
         ids, labels = p + c, [-100] * len(p) + c
         if len(ids) > self.max_length:
             cut = slice(None, self.max_length) if self.mode == "keep_start" else slice(-self.max_length, None)

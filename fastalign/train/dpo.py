@@ -97,7 +97,7 @@ def sft_warm_start(cfg: DPOConfig, run: Run) -> str:
         run.say(f"dpo: reusing the SFT warm start in {out}")
         return str(out / "final")
     keep = ("max_length", "truncation_mode", "seed", "device", "bf16", "report_to_tensorboard", "plots",
-            "progress_bar", "skip_bad_rows", "max_new_tokens")
+            "progress_bar", "skip_bad_rows", "max_new_tokens", "cpu_threads")
     sft_cfg = make_config(SFTConfig, {k: getattr(cfg, k) for k in keep}, "sft")
     sft_cfg = replace(sft_cfg, model=EMBEDDED, data=cfg.sft_data, max_steps=cfg.sft_warmup_steps,
                       output_dir=str(out), resume="latest" if cfg.resume else "",

@@ -9,7 +9,7 @@ from fastalign.train.common import Run
 from fastalign.train.config import RMConfig
 from fastalign.train.data import BatchStream, collate_pref, encode_pref_row
 from fastalign.train.model import RewardModel, load_model, load_tokenizer, load_value_head, save_value_head
-from fastalign.train.sft import setup_data, to_device
+from fastalign.train.sft import setup_data
 
 
 def pair_rewards(rm, batch: dict, run: Run):

@@ -6,8 +6,16 @@ import torch
 
 from fastalign.train.common import Run, exact_match
 from fastalign.train.config import SFTConfig
-from fastalign.train.data import (BatchStream, Encoder, Skipped, collate_sft, encode_sft_row, load_examples,
-                                  load_prompts, resolve_data)
+from fastalign.train.data import (
+    BatchStream,
+    Encoder,
+    Skipped,
+    collate_sft,
+    encode_sft_row,
+    load_examples,
+    load_prompts,
+    resolve_data,
+)
 from fastalign.train.model import SequenceLogps, load_model, load_tokenizer
 
 

@@ -2,12 +2,19 @@
 
 import pytest
 import torch
-
-from fastalign.train.data import (BatchStream, DataError, Encoder, Skipped, collate_pref, encode_pref_row,
-                                  encode_sft_row, load_examples)
-from fastalign.train.model import load_tokenizer
-
 from trainhelp import write_jsonl
+
+from fastalign.train.data import (
+    BatchStream,
+    DataError,
+    Encoder,
+    Skipped,
+    collate_pref,
+    encode_pref_row,
+    encode_sft_row,
+    load_examples,
+)
+from fastalign.train.model import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The real loops on the embedded model for a few steps: each command end to end, accumulation, DPO's loss."""
 
+import importlib.util
 import json
 
 import pytest
@@ -24,13 +25,15 @@ def metrics_of(out_dir):
 
 def test_sft_end_to_end(tmp_path, small_data):
     cfg = make_config(SFTConfig, quick(tmp_path, small_data, "sft", eval_data=small_data["gen"], eval_steps=3,
-                                       plots=True, save_steps=2), "sft")
+                                       plots=True, save_steps=2, report_to_tensorboard=True), "sft")
     summary = train_sft(cfg)
     rows = metrics_of(cfg.output_dir)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert {"loss", "grad_norm", "learning_rate", "num_tokens", "epoch"} <= set(rows[0])
     assert "eval_loss" in rows[-1] and 0 <= summary["exact_match_after"] <= 1
     assert (tmp_path / "run_sft" / "curves.png").stat().st_size > 1000
+    if importlib.util.find_spec("tensorboard") is not None:
+        assert list((tmp_path / "run_sft" / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (tmp_path / "run_sft").glob("checkpoint-*")) == ["checkpoint-000002",
                                                                                  "checkpoint-000003"]
     final = AutoModelForCausalLM.from_pretrained(summary["final_model"])  # plain transformers loads it
@@ -42,7 +45,7 @@ def test_rm_end_to_end(tmp_path, small_data):
     summary = train_rm(cfg)
     rows = metrics_of(cfg.output_dir)
     assert {"loss", "accuracy", "margin", "grad_norm"} <= set(rows[0])
-    assert "eval_accuracy" in rows[-1] and summary["eval_accuracy after"] == pytest.approx(rows[-1]["eval_accuracy"], abs=1e-6)
+    assert summary["eval_accuracy after"] == pytest.approx(rows[-1]["eval_accuracy"], abs=1e-6)
     head = load_value_head(summary["final_model"], 96)
     rm = RewardModel(AutoModelForCausalLM.from_pretrained(summary["final_model"]), head)
     assert rm(torch.tensor([[1, 20, 21]]), torch.ones(1, 3, dtype=torch.long)).shape == (1,)

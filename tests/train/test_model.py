@@ -6,8 +6,16 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from fastalign.testing import assert_close_to_ref
 from fastalign.train.data import Encoder, collate_sft, encode_sft_row
-from fastalign.train.model import (ASSETS, RewardModel, SequenceLogps, lm_head_options, load_model, load_tokenizer,
-                                   load_value_head, save_value_head)
+from fastalign.train.model import (
+    ASSETS,
+    RewardModel,
+    SequenceLogps,
+    lm_head_options,
+    load_model,
+    load_tokenizer,
+    load_value_head,
+    save_value_head,
+)
 
 
 def naive_sequence_logps(lm, batch):
