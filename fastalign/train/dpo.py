@@ -151,6 +151,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
         if held_out:
             before.update(evaluate(policy, ref, held_out, held_out_ref, cfg, run, tok.pad_token_id))
         run.say(f"dpo: before training: {_brief(before)}")
+        run.log(0, {k: v for k, v in before.items() if k.startswith("eval_")})
 
     run.progress(start)
     for step in range(start, cfg.max_steps):

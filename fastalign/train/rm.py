@@ -58,6 +58,8 @@ def train_rm(cfg: RMConfig) -> dict:
         run.restore(state, opt, sched)
         start, stream.consumed = state["step"], state["consumed"]
     before = evaluate(rm, held_out, cfg, run, tok.pad_token_id) if held_out and state is None else {}
+    if before:
+        run.log(0, before)
 
     run.progress(start)
     for step in range(start, cfg.max_steps):
