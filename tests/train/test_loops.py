@@ -14,13 +14,18 @@ from fastalign.train import DPOConfig, RMConfig, SFTConfig, train_dpo, train_rm,
 from fastalign.train.common import Run
 from fastalign.train.config import make_config
 from fastalign.train.data import Encoder, collate_pref, encode_pref_row, load_examples
-from fastalign.train.dpo import dpo_batch_loss
+from fastalign.train.dpo import dpo_batch_loss, loss_options
 from fastalign.train.model import RewardModel, SequenceLogps, load_model, load_tokenizer, load_value_head
 
 
 def metrics_of(out_dir):
+    """The rows of metrics.jsonl (a step-0 row holds the evaluation before training)."""
     with open(f"{out_dir}/metrics.jsonl") as f:
         return [json.loads(line) for line in f]
+
+
+def train_rows(rows):
+    return [r for r in rows if "loss" in r]
 
 
 def test_sft_end_to_end(tmp_path, small_data):
@@ -44,7 +49,8 @@ def test_rm_end_to_end(tmp_path, small_data):
     cfg = make_config(RMConfig, quick(tmp_path, small_data, "rm", eval_steps=3), "rm")
     summary = train_rm(cfg)
     rows = metrics_of(cfg.output_dir)
-    assert {"loss", "accuracy", "margin", "grad_norm"} <= set(rows[0])
+    assert rows[0]["step"] == 0 and "eval_accuracy" in rows[0]
+    assert {"loss", "accuracy", "margin", "grad_norm"} <= set(train_rows(rows)[0])
     assert summary["eval_accuracy after"] == pytest.approx(rows[-1]["eval_accuracy"], abs=1e-6)
     head = load_value_head(summary["final_model"], 96)
     rm = RewardModel(AutoModelForCausalLM.from_pretrained(summary["final_model"]), head)
@@ -61,8 +67,11 @@ def test_dpo_end_to_end(tmp_path, small_data, ref):
     rows = metrics_of(cfg.output_dir)
     names = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
              "logps/rejected", "grad_norm", "learning_rate"}
-    assert names <= set(rows[0]) and "eval_rewards/accuracies" in rows[-1]
-    assert rows[0]["rewards/margins"] == 0.0  # step 1: the policy is the reference
+    first = train_rows(rows)[0]
+    assert names <= set(first) and "eval_rewards/accuracies" in rows[-1]
+    assert first["step"] == 1 and first["rewards/margins"] == 0.0  # step 1: the policy is the reference
+    assert rows[0] == {"step": 0, **{k: pytest.approx(v, abs=1e-6) for k, v in rows[0].items() if k != "step"}}
+    assert rows[0]["eval_rewards/accuracies"] == 0.0
     assert summary["eval_rewards/accuracies before"] == 0.0
     assert {"exact_match before", "exact_match after", "eval_rewards/accuracies after"} <= set(summary)
     if ref == "precomputed":
@@ -82,7 +91,8 @@ def test_dpo_loss_equals_dpo_loss_on_naive_logps(small_data):
     tok = load_tokenizer("embedded")
     pairs = load_examples(small_data["pref"], encode_pref_row, Encoder(tok, 64), False)[:6]
     batch = collate_pref(pairs, tok.pad_token_id)
-    cfg = make_config(DPOConfig, {"output_dir": "unused", "beta": 0.5}, "dpo")
+    cfg = make_config(DPOConfig, {"output_dir": "unused", "beta": 0.5, "loss_type": "sigmoid,sft",
+                                  "loss_weights": "1,0.3"}, "dpo")
     run = Run.__new__(Run)  # only .autocast() and .device are used
     run.cfg, run.device = cfg, torch.device("cpu")
 
@@ -96,8 +106,8 @@ def test_dpo_loss_equals_dpo_loss_on_naive_logps(small_data):
             out.append(lp)
         n = (batch["labels"][:, 1:] != -100).sum(-1)
         B = len(pairs)
-        return dpo_loss(out[0][:B], out[0][B:], out[1][:B].detach(), out[1][B:].detach(), beta=0.5,
-                        chosen_lengths=n[:B], rejected_lengths=n[B:])[0]
+        return dpo_loss(out[0][:B], out[0][B:], out[1][:B].detach(), out[1][B:].detach(),
+                        chosen_lengths=n[:B], rejected_lengths=n[B:], **loss_options(cfg))[0]
 
     policy, ref = load_model("embedded", seed=0), load_model("embedded", seed=7)
     with torch.no_grad():
@@ -133,6 +143,8 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path, small_data, kind
     for i, (bs, accum, dtype) in enumerate([(8, 1, "float64"), (8, 1, "float32"), (4, 2, "float32")]):
         over = quick(tmp_path / str(i), small_data, kind, max_steps=1, per_device_train_batch_size=bs,
                      gradient_accumulation_steps=accum, dtype=dtype, gen_eval_data="", eval_data="")
+        if kind == "dpo":  # a pair-mean loss (the NLL terms sft/cpo/orpo are token means per micro-batch)
+            over["loss_type"] = "sigmoid"
         fn(make_config(cls, over, kind))
     big64, big32, accumulated = captured
     assert set(accumulated) == set(big64)
