@@ -208,6 +208,14 @@ class FusedLinearDPOLoss(nn.Module):
                                      ref_weight=ref_weight, ref_bias=ref_bias, cu_seqlens=cu_seqlens,
                                      bco_state=self.bco_state, **self.op_options, **self.loss_options)
 
+    def get_extra_state(self):
+        """bco_pair's running mean travels in ``state_dict()`` (checkpoint and resume keep the shift)."""
+        return None if self.bco_state is None else self.bco_state.state_dict()
+
+    def set_extra_state(self, state) -> None:
+        if state is not None and self.bco_state is not None:
+            self.bco_state.load_state_dict(state)
+
     def extra_repr(self) -> str:
         p = self.params
         return f"beta={p.beta}, loss_type={list(p.loss_type)}, loss_weights={list(p.loss_weights)}"

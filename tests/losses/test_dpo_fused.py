@@ -4,6 +4,8 @@ import inspect
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastalign import FusedLinearDPOLoss, dpo_loss, fused_linear_dpo_loss
 from fastalign.ops.logprobs.api import IMPLS
@@ -151,6 +153,10 @@ def test_module_matches_functional_and_keeps_bco_state():
         expected, _ = dpo_loss(sums[:B], sums[B:], ref_sums[:B], ref_sums[B:], beta=0.2,
                                loss_type=["bco_pair", "sigmoid"], loss_weights=[1.0, 0.3], bco_state=state)
     assert_close_to_ref(got, expected, atol=1e-5)
+    resumed = FusedLinearDPOLoss(beta=0.2, loss_type=["bco_pair", "sigmoid"], loss_weights=[1.0, 0.3])
+    resumed.load_state_dict(module.state_dict())
+    assert resumed.bco_state.count == 2
+    assert float(resumed.bco_state.mean) == float(module.bco_state.mean)
 
 
 def test_reference_is_evaluated_without_grad():
@@ -222,3 +228,76 @@ def test_bad_input_raises_clear_errors(change, error, match):
     args.update(change(h, labels, ref))
     with pytest.raises(error, match=match):
         fused_linear_dpo_loss(args.pop("hidden"), args.pop("weight"), args.pop("labels"), args.pop("bias"), **args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_on_cuda_equals_naive_path(layout, dtype):
+    (h, w, b), labels, cu, ref = make_batch(layout, dtype)
+    cuda = lambda t: None if t is None else t.cuda()
+    ref_cuda = tuple(cuda(t) for t in ref)
+    ours = loss_and_grads(lambda h_, w_, b_: fused_linear_dpo_loss(
+        h_, w_, cuda(labels), b_, cu_seqlens=cuda(cu), ref_hidden=ref_cuda[0], ref_weight=ref_cuda[1],
+        ref_bias=ref_cuda[2], **LOSS), cuda(h), cuda(w), cuda(b))
+    ref64 = loss_and_grads(lambda h_, w_, b_: naive_loss(h_, w_, b_, labels, cu, tuple(t.double() for t in ref), LOSS),
+                           h.double(), w.double(), b.double())
+    ref_lowp = loss_and_grads(lambda h_, w_, b_: naive_loss(h_, w_, b_, labels, cu, ref, LOSS), h, w, b)
+    assert_close_to_ref(ours[0], ref64[0], ref_lowp[0], atol=1e-5 * (1 + ref64[0].abs().item()), name="loss")
+    for name, o, r, rl in zip(("grad hidden", "grad weight", "grad bias"), ours[2], ref64[2], ref_lowp[2]):
+        assert_close_to_ref(o, r, rl, atol=1e-6 * (1 + r.abs().max().item()), name=name)
+
+
+def test_logit_processing_and_impl_pass_through(monkeypatch):
+    (h, w, b), labels, cu, ref = make_batch("packed", torch.float64)
+    opts = dict(temperature=0.7, softcap=5.0, logit_scale=1.3)
+
+    def processed(hidden, weight, bias):  # z = softcap * tanh(scale * (hW^T + b) / softcap) / temperature
+        return opts["softcap"] * torch.tanh(opts["logit_scale"] * (hidden @ weight.T + bias) / opts["softcap"]) \
+            / opts["temperature"]
+
+    # The naive path on processed logits: an identity "LM head" over the processed logits.
+    eye = torch.eye(V, dtype=torch.float64)
+    sums, n = naive_sequence_logps(processed(h, w, b), eye, None, labels, cu)
+    ref_sums, _ = naive_sequence_logps(processed(*ref), eye, None, labels, cu)
+    expected, _ = dpo_loss(sums[:B], sums[B:], ref_sums[:B], ref_sums[B:], chosen_lengths=n[:B],
+                           rejected_lengths=n[B:], **LOSS)
+    seen = []
+    import fastalign.losses.fused_dpo as fused
+
+    real = fused.linear_logprobs
+    monkeypatch.setattr(fused, "linear_logprobs", lambda *a, **k: seen.append(k["impl"]) or real(*a, **k))
+    loss, _ = fused_linear_dpo_loss(h, w, labels, b, cu_seqlens=cu, ref_hidden=ref[0], ref_weight=ref[1],
+                                    ref_bias=ref[2], impl="torch", **opts, **LOSS)
+    assert_close_to_ref(loss, expected, atol=1e-12)
+    assert seen == ["torch", "torch"]
+
+
+@settings(max_examples=12, deadline=None)
+@given(pairs=st.integers(1, 3), T=st.integers(1, 6), packed=st.booleans(), seed=st.integers(0, 2**31 - 1),
+       loss_type=st.sampled_from(["sigmoid", "ipo", "aot", "bco_pair", "simpo"]))
+def test_property_fused_equals_naive_over_shapes(pairs, T, packed, seed, loss_type):
+    g = torch.Generator().manual_seed(seed)
+    S, Dh, Vh = 2 * pairs, 5, 11
+    lengths = torch.randint(1, T + 1, (S,), generator=g) if packed else torch.full((S,), T)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    labels = torch.randint(0, Vh, (int(cu[-1]),), generator=g)
+    for a, n in zip(cu[:-1].tolist(), lengths.tolist()):  # a prompt of up to n-1 tokens: >= 1 completion token
+        labels[a:a + int(torch.randint(0, n, (), generator=g))] = -100
+    hidden = torch.randn(int(cu[-1]), Dh, generator=g, dtype=torch.float64)
+    weight, ref_weight = (torch.randn(Vh, Dh, generator=g, dtype=torch.float64) for _ in range(2))
+    if not packed:
+        hidden, labels = hidden.reshape(S, T, Dh), labels.reshape(S, T)
+    cu_arg = cu if packed else None
+    opts = dict(beta=0.5, loss_type=loss_type)
+    ref = {} if loss_type == "simpo" else dict(ref_hidden=hidden, ref_weight=ref_weight)
+    loss, _ = fused_linear_dpo_loss(hidden, weight, labels, cu_seqlens=cu_arg, **ref, **opts)
+    sums, n = naive_sequence_logps(hidden.reshape(-1, Dh), weight, None, labels.reshape(-1), cu)
+    B_ = pairs
+    if ref:
+        ref_sums, _ = naive_sequence_logps(hidden.reshape(-1, Dh), ref_weight, None, labels.reshape(-1), cu)
+        rc, rr = ref_sums[:B_], ref_sums[B_:]
+    else:
+        rc = rr = None
+    expected, _ = dpo_loss(sums[:B_], sums[B_:], rc, rr, chosen_lengths=n[:B_], rejected_lengths=n[B_:], **opts)
+    assert_close_to_ref(loss, expected, atol=1e-12)
