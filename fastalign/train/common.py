@@ -107,8 +107,8 @@ class Run:
         if not bool(torch.isfinite(loss.detach()).all()):
             found = checkpoint.list_checkpoints(self.out)
             last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
-            raise TrainingDiverged(f"{self.command}: the loss is {float(loss)} at step {step + 1}; stopped without "
-                                   f"saving these weights ({last}). Lower learning_rate or check the data.")
+            raise TrainingDiverged(f"{self.command}: the loss is {float(loss.detach())} at step {step + 1}; stopped "
+                                   f"without saving these weights ({last}). Lower learning_rate or check the data.")
 
     def sum_all(self, *values: float) -> list[float]:
         """Sum numbers over ranks (identity on one process)."""

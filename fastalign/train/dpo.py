@@ -19,7 +19,14 @@ from fastalign.losses.dpo import REFERENCE_FREE, BCORunningMean, dpo_loss
 from fastalign.train.common import Run, exact_match
 from fastalign.train.config import DPOConfig, SFTConfig, make_config
 from fastalign.train.data import BatchStream, collate_pref, encode_pref_row
-from fastalign.train.model import EMBEDDED, SequenceLogps, load_model, load_tokenizer, model_fingerprint
+from fastalign.train.model import (
+    EMBEDDED,
+    SequenceLogps,
+    enable_checkpointing,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+)
 from fastalign.train.sft import setup_data, to_device, train_sft
 
 
@@ -118,7 +125,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     resume_path, state = run.resume_point()
     lm = load_model(str(resume_path) if resume_path else start_model, seed=cfg.seed, dtype=cfg.torch_dtype)
     if cfg.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(lm)
     policy = run.wrap(SequenceLogps(lm))
 
     # the reference: none (reference-free types), precomputed log-probabilities, or a (moving) copy

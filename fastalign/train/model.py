@@ -46,6 +46,14 @@ def load_model(path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
     return model.to(dtype)
 
 
+def enable_checkpointing(lm) -> None:
+    """Recompute the decoder layers' activations in backward (transformers 5's name, else the older one)."""
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable()
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def lm_head_options(config) -> dict:
     """``softcap`` and ``logit_scale`` of the model's logit processing, read from its config."""
     softcap = getattr(config, "final_logit_softcapping", None)

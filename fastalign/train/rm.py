@@ -8,7 +8,14 @@ from fastalign.losses.reward import reward_model_loss
 from fastalign.train.common import Run
 from fastalign.train.config import RMConfig
 from fastalign.train.data import BatchStream, collate_pref, encode_pref_row
-from fastalign.train.model import RewardModel, load_model, load_tokenizer, load_value_head, save_value_head
+from fastalign.train.model import (
+    RewardModel,
+    enable_checkpointing,
+    load_model,
+    load_tokenizer,
+    load_value_head,
+    save_value_head,
+)
 from fastalign.train.sft import setup_data
 
 
@@ -45,7 +52,7 @@ def train_rm(cfg: RMConfig) -> dict:
     source = str(resume_path) if resume_path else cfg.model
     lm = load_model(source, seed=cfg.seed, dtype=cfg.torch_dtype)
     if cfg.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(lm)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         head = None if source == "embedded" else load_value_head(source, lm.config.hidden_size)

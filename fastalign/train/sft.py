@@ -16,7 +16,7 @@ from fastalign.train.data import (
     load_prompts,
     resolve_data,
 )
-from fastalign.train.model import SequenceLogps, load_model, load_tokenizer
+from fastalign.train.model import SequenceLogps, enable_checkpointing, load_model, load_tokenizer
 
 
 def to_device(batch: dict, device) -> dict:
@@ -63,7 +63,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     resume_path, state = run.resume_point()
     lm = load_model(str(resume_path) if resume_path else cfg.model, seed=cfg.seed, dtype=cfg.torch_dtype)
     if cfg.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(lm)
     policy = run.wrap(SequenceLogps(lm))
     opt, sched = run.optimizer(policy.parameters())
     stream = BatchStream(len(train), cfg.seed, rank=run.rank, world=run.world)

@@ -46,7 +46,7 @@ def test_sft_end_to_end(tmp_path, small_data):
 
 
 def test_rm_end_to_end(tmp_path, small_data):
-    cfg = make_config(RMConfig, quick(tmp_path, small_data, "rm", eval_steps=3), "rm")
+    cfg = make_config(RMConfig, quick(tmp_path, small_data, "rm", eval_steps=3, gradient_checkpointing=True), "rm")
     summary = train_rm(cfg)
     rows = metrics_of(cfg.output_dir)
     assert rows[0]["step"] == 0 and "eval_accuracy" in rows[0]
