@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -214,11 +215,24 @@ class Run:
         """``(path, state)`` of the checkpoint to resume from, or ``(None, None)``."""
         path = checkpoint.find_resume(self.cfg.resume, self.out)
         if path is None:
+            old = checkpoint.list_checkpoints(self.out)
+            if self.main and old:  # a fresh run: an earlier run's checkpoints would mix with this one's
+                for p in old:
+                    shutil.rmtree(p)
+                self.say(f"{self.command}: starting fresh in {self.out}: removed {len(old)} checkpoint(s) of an "
+                         f"earlier run (pass resume=latest to continue a run instead)")
+            self._rewrite_metrics()
             return None, None
         state = checkpoint.load_state(path)
         self.history = [r for r in state.get("history", []) if r["step"] <= state["step"]]
+        self._rewrite_metrics()  # drop rows logged after the checkpoint by the interrupted run
         self.say(f"{self.command}: resuming from {path} (step {state['step']})")
         return path, state
+
+    def _rewrite_metrics(self) -> None:
+        if self.main:
+            with open(self.out / "metrics.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.history)
 
     def restore(self, state: dict, opt, sched) -> None:
         opt.load_state_dict(state["optimizer"])

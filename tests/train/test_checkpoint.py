@@ -1,5 +1,6 @@
 """Checkpoints: a killed run resumes to bitwise-identical weights; corrupt checkpoints and NaN losses are caught."""
 
+import json
 import os
 import subprocess
 import sys
@@ -45,6 +46,8 @@ def test_killed_run_resumes_bitwise(tmp_path, small_data, kind):
     assert not (Path(cut["output_dir"]) / "final").exists()
     fn(make_config(cls, {**cut, "resume": "latest"}, kind))
 
+    steps = [json.loads(line)["step"] for line in open(Path(cut["output_dir"]) / "metrics.jsonl")]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no rows repeated by the resumed run
     a, b = weights(whole["output_dir"]), weights(cut["output_dir"])
     assert a.keys() == b.keys()
     for name in a:
@@ -88,3 +91,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, small_data,
         train_dpo(cfg)
     assert [p.name for p in list_checkpoints(cfg.output_dir)] == ["checkpoint-000001", "checkpoint-000002"]
     verify(list_checkpoints(cfg.output_dir)[-1])
+
+
+def test_a_fresh_run_replaces_an_earlier_runs_checkpoints_and_metrics(tmp_path, small_data, capsys):
+    over = quick(tmp_path, small_data, "sft", max_steps=2, save_steps=1, gen_eval_data="")
+    train_sft(make_config(SFTConfig, over, "sft"))
+    train_sft(make_config(SFTConfig, {**over, "max_steps": 1}, "sft"))
+    assert "removed 2 checkpoint(s) of an earlier run" in capsys.readouterr().out
+    assert [p.name for p in list_checkpoints(over["output_dir"])] == ["checkpoint-000001"]
+    assert [json.loads(line)["step"] for line in open(Path(over["output_dir"]) / "metrics.jsonl")] == [1]
