@@ -150,3 +150,19 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path, small_data, kind
     assert set(accumulated) == set(big64)
     for name in big64:
         assert_close_to_ref(accumulated[name], big64[name], big32[name], atol=1e-6, name=name)
+
+
+def test_dpo_on_chat_rows(tmp_path, small_data):
+    """Preference rows as chat messages (implicit prompt) train end to end through the chat template."""
+    rows = []
+    for r in map(json.loads, open(small_data["pref"])):
+        user = {"role": "user", "content": r["prompt"]}
+        rows.append({"chosen": [user, {"role": "assistant", "content": r["chosen"]}],
+                     "rejected": [user, {"role": "assistant", "content": r["rejected"]}]})
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    over = {**quick(tmp_path, small_data, "dpo", eval_data="", gen_eval_data="", max_steps=2), "data": str(path)}
+    cfg = make_config(DPOConfig, over, "dpo")
+    train_dpo(cfg)
+    first = train_rows(metrics_of(cfg.output_dir))[0]
+    assert first["logps/chosen"] < 0 and first["rewards/margins"] == 0.0
