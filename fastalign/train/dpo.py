@@ -115,7 +115,15 @@ def sft_warm_start(cfg: DPOConfig, run: Run) -> str:
 
 
 def train_dpo(cfg: DPOConfig) -> dict:
-    """Run DPO as configured; return the summary (also written to ``<output_dir>/summary.json``)."""
+    """Run DPO as configured; return the summary (also written to ``<output_dir>/summary.json``).
+
+    Replaces TRL's ``DPOTrainer(model, ref_model, args=DPOConfig(...), train_dataset=...).train()``; policy and
+    reference log-probabilities come from hidden states through ``linear_logprobs``, never from logits.
+
+    Example:
+        >>> summary = train_dpo(make_config(DPOConfig, {"model": "runs/sft/final", "beta": 0.1}, "dpo"))
+        >>> summary["eval_rewards/accuracies after"]
+    """
     run = Run(cfg, "dpo")
     start_model = cfg.model
     if cfg.model == EMBEDDED and cfg.sft_warmup_steps > 0:

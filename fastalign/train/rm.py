@@ -43,7 +43,11 @@ def train_rm(cfg: RMConfig) -> dict:
     """Train a reward model as configured; return the summary (also in ``<output_dir>/summary.json``).
 
     The model is saved with ``save_pretrained`` plus ``value_head.safetensors`` beside it; load it back with
-    ``RewardModel(load_model(path), load_value_head(path, hidden_size))``.
+    ``RewardModel(load_model(path), load_value_head(path, hidden_size))``. Replaces TRL's ``RewardTrainer``.
+
+    Example:
+        >>> summary = train_rm(make_config(RMConfig, {"model": "runs/sft/final", "output_dir": "runs/rm"}, "rm"))
+        >>> summary["eval_accuracy after"]
     """
     run = Run(cfg, "rm")
     tok = load_tokenizer(cfg.tokenizer or cfg.model)

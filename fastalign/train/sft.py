@@ -55,7 +55,15 @@ def sft_eval_loss(policy, examples, run: Run, batch_size: int, pad_id: int) -> f
 
 
 def train_sft(cfg: SFTConfig) -> dict:
-    """Run SFT as configured; return the summary (also written to ``<output_dir>/summary.json``)."""
+    """Run SFT as configured; return the summary (also written to ``<output_dir>/summary.json``).
+
+    Replaces TRL's ``SFTTrainer(model, args=SFTConfig(...), train_dataset=...).train()``; the loss is the token
+    mean of ``-log p(completion token)`` over the accumulation cycle, computed without logits.
+
+    Example:
+        >>> summary = train_sft(make_config(SFTConfig, {"max_steps": 100, "output_dir": "runs/sft"}, "sft"))
+        >>> summary["exact_match_after"], summary["final_model"]
+    """
     run = Run(cfg, "sft")
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     encode = encode_sft_row if cfg.completion_only_loss else _full_sequence_loss
