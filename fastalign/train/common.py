@@ -105,7 +105,8 @@ class Run:
         return norm
 
     def check_finite(self, loss: torch.Tensor, step: int) -> None:
-        if not bool(torch.isfinite(loss.detach()).all()):
+        (bad,) = self.sum_all(float(not bool(torch.isfinite(loss.detach()).all())))  # every rank stops together
+        if bad:
             found = checkpoint.list_checkpoints(self.out)
             last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
             raise TrainingDiverged(f"{self.command}: the loss is {float(loss.detach())} at step {step + 1}; stopped "
