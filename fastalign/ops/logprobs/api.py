@@ -7,19 +7,27 @@ Launcher contract (``triton.py``, ``cpu.py``), for ``hidden [N, D]``, ``weight [
 ``bias [V] | None`` and :class:`LogprobsParams`:
 
 - ``linear_logprobs_fwd(hidden, weight, targets, bias, params) -> (lse, z_target, sum_pz)``, float32 ``[N]``
-  each: the logsumexp of the processed logits ``z`` over this weight's vocabulary, the processed logit of the
+  each (lse and sum_pz may be float64: the entropy ``lse - sum_pz`` then keeps its precision when the logits
+  are large, where float32 values of |lse| ~ 1e4 would lose ~1e-3 to rounding; the torch and triton impls do
+  this): the logsumexp of the processed logits ``z`` over this weight's vocabulary, the processed logit of the
   target when ``targets - params.vocab_start`` falls in ``[0, V)`` (else 0), and ``sum_v softmax(z)_v z_v``
   (``None`` unless ``params.return_entropy``). Rows whose target is ``ignore_index`` may hold anything finite.
 - ``linear_logprobs_bwd(hidden, weight, targets, bias, lse, sum_pz, grad_logprobs, grad_entropy, params)
   -> (grad_hidden, grad_weight, grad_bias)`` given the full-vocabulary ``lse`` and ``sum_pz`` and the
   upstream gradients (already zero on ignored rows; ``grad_entropy`` is None without entropy). Gradients are
-  accumulated in float32; ``grad_bias`` is None without bias.
+  accumulated in float32; ``grad_bias`` is None without bias. ``grad_weight`` may be None when
+  ``params.compute_grad_weight`` is False (a frozen LM head); an impl may also compute it anyway.
+
+Fields added to :class:`LogprobsParams` after the contract was first written (all with defaults, so launchers
+written against the first version keep working): ``compute_grad_weight`` (True), ``vocab_size`` (the full
+vocabulary, ``V`` times the number of ranks under vocab-parallel; 0 = this weight's ``V``) and
+``process_group`` (None; the launchers never read it: the autograd Function combines the ranks).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -27,7 +35,8 @@ from fastalign._backend import resolve_impl
 from fastalign._utils import FLOAT_DTYPES, check_same_device, check_tensor
 from fastalign.ops.logprobs import naive
 
-IMPLS = ("torch",)
+IMPLS = ("torch", "triton", "cpp")
+
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,9 @@ class LogprobsParams:
     deterministic: bool = False
     vocab_start: int = 0
     impl: str = "torch"
+    compute_grad_weight: bool = True
+    vocab_size: int = 0
+    process_group: object = field(default=None, compare=False, hash=False, repr=False)
 
 
 def _check_args(hidden, weight, targets, bias, params: LogprobsParams):
@@ -70,55 +82,178 @@ def _check_args(hidden, weight, targets, bias, params: LogprobsParams):
         raise ValueError(f"softcap must be None or a finite number > 0; got {params.softcap}")
     if not math.isfinite(params.logit_scale):
         raise ValueError(f"logit_scale must be finite; got {params.logit_scale}")
-    if targets.device.type == "cpu" and targets.numel():
-        V = weight.shape[0]
-        bad = (targets != params.ignore_index) & ((targets < 0) | (targets >= V))
-        if bad.any():
-            row = int(bad.reshape(-1).nonzero()[0])
-            raise ValueError(f"targets must be in [0, {V}) or ignore_index={params.ignore_index}; "
-                             f"got {int(targets.reshape(-1)[row])} at row {row}")
+    if targets.numel():
+        _check_targets(targets, params.vocab_size or weight.shape[0], params.ignore_index)
+
+
+def _check_targets(targets, V: int, ignore_index: int) -> None:
+    """Targets in ``[0, V)`` or ``ignore_index``: a ValueError on the CPU; on a GPU (and under torch.compile)
+    a device-side assert (``torch._assert_async``), which costs a small reduction kernel and no host
+    synchronization, and fails at the next synchronization point with a CUDA error naming the assert."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if targets.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"linear_logprobs: targets must be in [0, {V}) or ignore_index={ignore_index}")
+        return
+    if bad.any():
+        row = int(bad.reshape(-1).nonzero()[0])
+        raise ValueError(f"targets must be in [0, {V}) or ignore_index={ignore_index}; "
+                         f"got {int(targets.reshape(-1)[row])} at row {row}")
+
+
+
+
+def _launchers(impl: str):
+    """The launchers of ``impl``'s module, imported on first use (import statements, which torch.compile can
+    trace, rather than importlib)."""
+    if impl == "torch":
+        module = naive
+    elif impl == "triton":
+        from fastalign.ops.logprobs import triton as module
+    elif impl == "cpp":
+        from fastalign.ops.logprobs import cpu as module
+    else:
+        raise ValueError(f"linear_logprobs: no launchers for impl={impl!r}")
+    return module.linear_logprobs_fwd, module.linear_logprobs_bwd
+
+
+def _combine_ranks(lse, z_target, sum_pz, group):
+    """Full-vocabulary ``(lse, z_target, sum_pz)`` from every rank's shard values: one all-gather of O(N)
+    values, then the same fixed-order combination on every rank (so all ranks agree bitwise)."""
+    import torch.distributed as dist
+
+    parts = [lse, z_target] + ([sum_pz] if sum_pz is not None else [])
+    mine = torch.stack([x.double() for x in parts])  # [2 or 3, N]
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine.contiguous(), group=group)
+    every = torch.stack(gathered)  # [P, 2 or 3, N]
+    lse_r = every[:, 0]
+    m = lse_r.max(dim=0).values
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    w = torch.exp(lse_r - m)  # each shard's share of the partition function, relative to the max
+    total = w.sum(0)
+    full_lse = m + torch.log(total)
+    full_zt = every[:, 1].sum(0)  # only the rank that owns the target contributes a nonzero logit
+    full_spz = None
+    if sum_pz is not None:
+        full_spz = (w / total * every[:, 2]).sum(0)
+    return full_lse, full_zt, full_spz
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    """Autograd of linear_logprobs over the launchers of ``params.impl``; saves only O(N) values (lse and, with
+    entropy, sum_pz) besides the inputs."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, bias, params: LogprobsParams):
+        fwd, _ = _launchers(params.impl)
+        lse, z_target, sum_pz = fwd(hidden, weight, targets, bias, params)
+        if params.process_group is not None:
+            lse, z_target, sum_pz = _combine_ranks(lse, z_target, sum_pz, params.process_group)
+        out = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        valid = targets != params.ignore_index
+        # Clamped: logprob <= 0 and entropy >= 0 always (rounding could otherwise give +1e-7 or -1e-7).
+        logprobs = torch.where(valid, (z_target - lse).to(out).clamp(max=0.0), 0.0)
+        entropy = None
+        if params.return_entropy:
+            entropy = torch.where(valid, (lse - sum_pz).to(out).clamp(min=0.0), 0.0)
+            sum_pz = sum_pz.to(out)
+        ctx.save_for_backward(hidden, weight, targets, bias, lse.to(out), sum_pz)
+        ctx.params = params
+        return logprobs if entropy is None else (logprobs, entropy)
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy=None):
+        hidden, weight, targets, bias, lse, sum_pz = ctx.saved_tensors
+        params = replace(ctx.params, compute_grad_weight=bool(ctx.needs_input_grad[1]))
+        # The clamps above only remove rounding noise: the gradient is that of the unclamped values.
+        valid = targets != params.ignore_index
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        zero = torch.zeros((), dtype=acc, device=hidden.device)
+        g = torch.where(valid, grad_logprobs.to(acc), zero) if grad_logprobs is not None else \
+            torch.zeros(targets.shape, dtype=acc, device=hidden.device)
+        e = None
+        if params.return_entropy:
+            e = torch.where(valid, grad_entropy.to(acc), zero) if grad_entropy is not None else torch.zeros_like(g)
+        _, bwd = _launchers(params.impl)
+        grad_hidden, grad_weight, grad_bias = bwd(hidden, weight, targets, bias, lse, sum_pz, g, e, params)
+        if params.process_group is not None:
+            import torch.distributed as dist
+
+            grad_hidden = grad_hidden.to(acc)
+            dist.all_reduce(grad_hidden, group=params.process_group)  # each rank holds its shard's part
+        grad_hidden = grad_hidden.to(hidden.dtype)
+        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None and ctx.needs_input_grad[3] else None
+        return grad_hidden, grad_weight, None, grad_bias, None
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     bias: torch.Tensor | None = None, *, temperature: float = 1.0, softcap: float | None = None,
                     logit_scale: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
-                    impl: str = "auto"):
+                    process_group=None, deterministic: bool = False, impl: str = "auto"):
     """Per-token log-probabilities of ``targets`` (and the entropy) under ``softmax(hidden @ weight.T)``.
 
     Same as ``torch.log_softmax(hidden @ weight.T + bias, -1).gather(-1, targets[..., None])[..., 0]``
-    (with the logit processing below), without building the ``[N, V]`` logits on the fused impls.
+    (with the logit processing below), without building the ``[N, V]`` logits on the fused impls
+    (``triton``, ``cpp``); the ``torch`` impl is the materializing reference.
 
     Per row, ``z = softcap * tanh(logit_scale * (h @ W.T + b) / softcap) / temperature``;
     ``logprob = z[target] - logsumexp(z)``; ``entropy = logsumexp(z) - sum(softmax(z) * z)``.
+    Logprobs are clamped to ``<= 0`` and entropies to ``>= 0`` (only rounding can cross those bounds; the
+    gradient is that of the unclamped values). Rows whose target is ``ignore_index`` give 0 and no gradient.
 
     Args:
-        hidden: ``[..., D]`` float32/bfloat16/float16/float64 final hidden states.
-        weight: ``[V, D]`` LM-head weight, same dtype as ``hidden``.
-        targets: ``[...]`` int32/int64 token ids in ``[0, V)``, or ``ignore_index`` (gives 0 and no gradient).
-        bias: optional ``[V]`` LM-head bias, same dtype as ``weight``.
+        hidden: ``[..., D]`` float32/bfloat16/float16 final hidden states (float64 on the torch impl).
+        weight: ``[V, D]`` LM-head weight, same dtype as ``hidden``; with ``process_group``, this rank's
+            contiguous vocabulary shard (rows ``[rank * V, (rank + 1) * V)`` of the full head; equal shards).
+        targets: ``[...]`` int32/int64 token ids in ``[0, V_full)``, or ``ignore_index``. Checked with a
+            ValueError for CPU tensors; on a GPU with a device-side assert (no host synchronization), which
+            surfaces as a CUDA error at the next synchronization.
+        bias: optional ``[V]`` LM-head bias (this rank's shard), same dtype as ``weight``.
         temperature: divides the processed logits; > 0.
         softcap: ``c`` of ``c * tanh(x / c)`` (Gemma-2 style final-logit soft-capping); None disables it.
         logit_scale: multiplies the raw logits before the softcap (e.g. Cohere's ``logit_scale``).
         ignore_index: target value of rows to skip.
-        return_entropy: also return the entropy of each row's distribution.
-        impl: ``"auto"`` or one of the implementations (see ``fastalign._backend``).
+        return_entropy: also return the entropy of each row's distribution (differentiable).
+        process_group: vocab-parallel: combine the ranks' shards with one all-gather of O(N) values per call
+            (and one all-reduce of grad_hidden in backward); ``hidden`` and ``targets`` must be the same on
+            every rank. None: the weight is the whole head.
+        deterministic: ask for a bitwise-reproducible backward. Every impl here already is (the Triton
+            backward uses no atomics; the torch and cpp impls have a fixed reduction order), so this costs
+            nothing; ``torch.are_deterministic_algorithms_enabled()`` sets it too.
+        impl: ``"auto"`` or one of ``IMPLS`` (see ``fastalign._backend``).
 
     Returns:
-        ``logprobs [...]`` float32, or ``(logprobs, entropy)`` when ``return_entropy``.
+        ``logprobs [...]`` float32 (float64 for float64 inputs on the torch impl), or ``(logprobs, entropy)``
+        when ``return_entropy``. Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
 
     Example:
         >>> h, W = torch.randn(4, 8), torch.randn(10, 8)
-        >>> lp = linear_logprobs(h, W, torch.tensor([1, 2, -100, 9]))
+        >>> lp, ent = linear_logprobs(h, W, torch.tensor([1, 2, -100, 9]), return_entropy=True)
+        >>> bool((lp <= 0).all() and (ent >= 0).all())
+        True
     """
+    vocab_size = 0
+    if process_group is not None:
+        import torch.distributed as dist
+
+        vocab_size = weight.shape[0] * dist.get_world_size(process_group) if isinstance(weight, torch.Tensor) else 0
     params = LogprobsParams(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
                             logit_scale=float(logit_scale), ignore_index=int(ignore_index),
-                            return_entropy=bool(return_entropy))
+                            return_entropy=bool(return_entropy),
+                            deterministic=bool(deterministic) or torch.are_deterministic_algorithms_enabled(),
+                            vocab_size=vocab_size, process_group=process_group)
     _check_args(hidden, weight, targets, bias, params)
     impl = resolve_impl(impl, hidden.device, op="linear_logprobs", impls=IMPLS)
+    vocab_start = 0
+    if process_group is not None:
+        import torch.distributed as dist
+
+        vocab_start = dist.get_rank(process_group) * weight.shape[0]
+    params = replace(params, impl=impl, vocab_start=vocab_start)
     lead = hidden.shape[:-1]
-    h2, t1 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    out = naive.linear_logprobs(h2, weight, t1, bias, params.temperature, params.softcap, params.logit_scale,
-                                params.ignore_index, params.return_entropy)
+    h2, t1 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long().contiguous()
+    out = LinearLogprobsFunction.apply(h2, weight, t1, bias, params)
     if return_entropy:
         return out[0].reshape(lead), out[1].reshape(lead)
     return out.reshape(lead)

@@ -16,10 +16,12 @@ def processed_logits(hidden, weight, bias=None, temperature=1.0, softcap=None, l
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
-    z = logits.to(acc) * logit_scale
+    z = logits.to(acc)
+    if logit_scale != 1.0:  # (multiplying or dividing by 1 is exact: skipped for speed only)
+        z = z * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    return z / temperature
+    return z / temperature if temperature != 1.0 else z
 
 
 def linear_logprobs(hidden, weight, targets, bias=None, temperature=1.0, softcap=None, logit_scale=1.0,
@@ -37,3 +39,80 @@ def linear_logprobs(hidden, weight, targets, bias=None, temperature=1.0, softcap
         return logprobs
     entropy = torch.where(valid, -(logp.exp() * logp).sum(-1), 0.0)
     return logprobs, entropy
+
+
+# Launchers of the ``torch`` impl (the contract in api.py), built on the reference above. They materialize the
+# logits, but of one fixed-size block of rows at a time, zero-padded to _ROWS rows: every logit product then
+# has the same shape whatever N is, so a row's result does not depend on N, its neighbours or its position
+# (batch invariance; a BLAS may pick another kernel for another M), and memory is _ROWS x V, not N x V.
+
+_ROWS = 64
+
+
+def _row_blocks(hidden, weight, bias, params):
+    """Yield ``(rows, z)``: a slice of row indices and the processed logits of those rows (float32/64)."""
+    for start in range(0, hidden.shape[0], _ROWS):
+        h = hidden[start:start + _ROWS]
+        padded = torch.nn.functional.pad(h, (0, 0, 0, _ROWS - h.shape[0]))
+        z = processed_logits(padded, weight, bias, params.temperature, params.softcap, params.logit_scale)
+        yield slice(start, start + h.shape[0]), z[:h.shape[0]]
+
+
+def linear_logprobs_fwd(hidden, weight, targets, bias, params):
+    """``(lse, z_target, sum_pz)`` over this weight's vocabulary (``params.vocab_start`` offsets the targets);
+    lse and sum_pz in float64."""
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    N, V = hidden.shape[0], weight.shape[0]
+    lse = torch.empty(N, dtype=torch.float64, device=hidden.device)
+    z_target = torch.empty(N, dtype=acc, device=hidden.device)
+    sum_pz = torch.empty_like(lse) if params.return_entropy else None
+    local = targets.long() - params.vocab_start
+    owned = (local >= 0) & (local < V)
+    local = local.clamp(0, max(V - 1, 0))
+    for rows, z in _row_blocks(hidden, weight, bias, params):
+        # lse = m + log s and sum_pz = m + sum_v p_v (z_v - m), m the row max, each added to m in float64:
+        # the entropy lse - sum_pz then does not cancel when the logits are large.
+        m = z.max(dim=-1, keepdim=True).values
+        e = torch.sub(z, m).exp_()
+        s = e.sum(-1)
+        lse[rows] = m.squeeze(-1).double() + s.log().double()
+        z_target[rows] = torch.where(owned[rows], z.gather(-1, local[rows, None]).squeeze(-1), 0.0)
+        if sum_pz is not None:
+            sum_pz[rows] = m.squeeze(-1).double() + ((e * (z - m)).sum(-1) / s).double()
+    return lse, z_target, sum_pz
+
+
+def linear_logprobs_bwd(hidden, weight, targets, bias, lse, sum_pz, grad_logprobs, grad_entropy, params):
+    """Closed-form gradients, accumulated in float32 (float64 for float64 inputs).
+
+    With ``g = dL/dlogprob``, ``e = dL/dentropy`` and ``p = exp(z - lse)`` (``lse`` over the full vocabulary):
+    ``dz_v = g (1[v = y] - p_v) - e p_v (z_v - sum_u p_u z_u)``; through ``1 / temperature``, the softcap
+    (``d c tanh(x / c) / dx = 1 - tanh^2``) and ``logit_scale`` to the raw logits ``s``; then ``dh = ds W``,
+    ``dW = ds^T h``, ``db = sum_n ds``.
+    """
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    V = weight.shape[0]
+    local = targets.long() - params.vocab_start
+    owned = (local >= 0) & (local < V)
+    w, h = weight.to(acc), hidden.to(acc)
+    grad_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device)
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=hidden.device) if params.compute_grad_weight else None
+    grad_bias = torch.zeros(V, dtype=acc, device=hidden.device) if bias is not None else None
+    for rows, z in _row_blocks(hidden, weight, bias, params):
+        p = torch.exp(z - lse[rows].to(acc)[:, None])
+        g = grad_logprobs[rows].to(acc)
+        dz = -g[:, None] * p
+        mine = owned[rows].nonzero().squeeze(-1)
+        dz[mine, local[rows][mine]] += g[mine]
+        if grad_entropy is not None:
+            dz -= grad_entropy[rows].to(acc)[:, None] * p * (z - sum_pz[rows].to(acc)[:, None])
+        ds = dz / params.temperature
+        if params.softcap is not None:
+            ds = ds * (1 - (z * (params.temperature / params.softcap)) ** 2)
+        ds = ds * params.logit_scale
+        grad_hidden[rows] = ds @ w
+        if grad_weight is not None:
+            grad_weight += ds.T @ h[rows]
+        if grad_bias is not None:
+            grad_bias += ds.sum(0)
+    return grad_hidden, grad_weight, grad_bias

@@ -1,0 +1,3 @@
+from fastalign.ops.gae.api import discounted_returns, gae
+
+__all__ = ["discounted_returns", "gae"]
