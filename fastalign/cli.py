@@ -1,20 +1,46 @@
-"""``fastalign <command>``: the command-line entry point."""
+"""``fastalign <command>``: the command-line entry point (train a model, or inspect this install)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+TRAIN_COMMANDS = {
+    "sft": "supervised fine-tuning (prompt/completion or messages rows)",
+    "rm": "train a reward model (prompt/chosen/rejected rows)",
+    "dpo": "DPO-family preference optimization (prompt/chosen/rejected rows)",
+}
+
+
+def _train(command: str, argv: list[str]) -> int:
+    from fastalign.train import DPOConfig, RMConfig, SFTConfig, train_dpo, train_rm, train_sft
+    from fastalign.train.checkpoint import CheckpointError
+    from fastalign.train.common import TrainingDiverged
+    from fastalign.train.config import ConfigError, parse_args
+    from fastalign.train.data import DataError
+
+    cls, fn = {"sft": (SFTConfig, train_sft), "rm": (RMConfig, train_rm), "dpo": (DPOConfig, train_dpo)}[command]
+    try:
+        fn(parse_args(cls, command, argv, f"fastalign {command}: {TRAIN_COMMANDS[command]}. {cls.__doc__}"))
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError) as e:
+        print(f"fastalign {command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastalign", description=__doc__.split(":")[1].strip())
+    parser = argparse.ArgumentParser(prog="fastalign", description=__doc__.split(":", 1)[1].strip())
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.add_parser("env", help="print versions and which implementations are available here")
+    for name, text in TRAIN_COMMANDS.items():
+        sub.add_parser(name, help=f"{text}; `fastalign {name} --help` lists every option", add_help=False)
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.command == "env":
         from fastalign.env import main as env_main
 
         return env_main(rest)
+    if args.command in TRAIN_COMMANDS:
+        return _train(args.command, rest)
     parser.print_help()
     return 2
 

@@ -1,0 +1,142 @@
+"""Checkpoints: the model as safetensors (``save_pretrained``), the trainer state beside it, written atomically.
+
+A checkpoint is a directory ``<output_dir>/checkpoint-<step>/`` holding the model (``model.safetensors`` +
+``config.json``, loadable by ``transformers``), the tokenizer, optional extra modules (``value_head``, the
+``ref`` model of a moving reference) and ``trainer_state.pt`` (optimizer, scheduler, RNG states, step, data
+position). Everything is written into ``checkpoint-<step>.tmp/``, a ``manifest.json`` with every file's size
+and sha256 is written last, and the directory is renamed into place: a killed save leaves only a ``.tmp``
+directory, never a half-written checkpoint. :func:`verify` checks the manifest, so a truncated or corrupt
+checkpoint is reported instead of loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+STATE = "trainer_state.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or corrupt."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}  # noqa: NPY002 (the legacy global RNG users seed)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(output_dir, step: int, lm, tokenizer, state: dict, extra_models: dict | None = None,
+         keep: int = 2) -> Path:
+    """Write ``checkpoint-<step>`` atomically; keep the newest ``keep`` checkpoints. Returns its path.
+
+    ``extra_models`` maps a name to a ``PreTrainedModel`` (saved with ``save_pretrained`` under that name) or
+    to a callable ``f(directory)`` that writes its files into the checkpoint directory.
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step:06d}"
+    tmp = output_dir / f"checkpoint-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    lm.save_pretrained(str(tmp), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    for name, obj in (extra_models or {}).items():
+        if callable(obj) and not hasattr(obj, "save_pretrained"):
+            obj(tmp)
+        else:
+            obj.save_pretrained(str(tmp / name), safe_serialization=True)
+    torch.save(state, tmp / STATE)
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {"step": step, "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                                        for p in files}}
+    with open(tmp / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir) -> list[Path]:
+    """Complete (renamed) checkpoint directories of ``output_dir``, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def verify(path) -> dict:
+    """Check every file of the checkpoint against its manifest; return the manifest or raise CheckpointError."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {MANIFEST} (the save did not finish)")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: unreadable {MANIFEST} ({e})") from None
+    for name, meta in files.items():
+        p = path / name
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} is missing")
+        size = p.stat().st_size
+        if size != meta["bytes"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} has {size} bytes, expected "
+                                  f"{meta['bytes']} (truncated?)")
+        if _sha256(p) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its sha256 in {MANIFEST}")
+    return manifest
+
+
+def find_resume(resume: str, output_dir) -> Path | None:
+    """The checkpoint to resume from: ``''`` -> None, ``'latest'`` -> the newest in ``output_dir`` (None when
+    there is none yet), else the given directory. The checkpoint is verified first."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            return None
+        path = found[-1]
+    else:
+        path = Path(resume)
+        if not path.is_dir():
+            raise CheckpointError(f"resume={resume!r}: no such checkpoint directory")
+    verify(path)
+    return path
+
+
+def load_state(path) -> dict:
+    return torch.load(Path(path) / STATE, map_location="cpu", weights_only=False)

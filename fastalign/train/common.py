@@ -1,0 +1,277 @@
+"""The parts every training loop shares: device and ranks, optimizer and schedule, the optimizer step,
+metrics (progress bar, ``metrics.jsonl``, TensorBoard, plots, summary), checkpoint/resume and the exact-match
+evaluation of greedy generations."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fastalign.train import checkpoint
+from fastalign.train.config import to_dict
+from fastalign.train.model import greedy_complete
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the run stopped without saving the bad weights."""
+
+
+class Run:
+    """One training run's environment: device, ranks (``torchrun``), output directory and metric sinks."""
+
+    def __init__(self, cfg, command: str):
+        self.cfg, self.command = cfg, command
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if cfg.device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            device = cfg.device
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device == "cuda" and self.world > 1:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        self.device = torch.device(device)
+        self._threads = torch.get_num_threads()  # restored by finish()
+        threads = cfg.cpu_threads or (1 if cfg.model == "embedded" else 0)
+        if threads and self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.main = self.rank == 0
+        self.out = Path(cfg.output_dir)
+        self.history: list[dict] = []
+        self._tb = self._bar = None
+        self._postfix: dict[str, str] = {}
+        self.started = time.time()
+        try:  # the checkpoints' "Writing model shards" bars would break the run's progress bar
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+
+    # ---- model and optimization -------------------------------------------------------------------------
+    def wrap(self, module):
+        """Move to the device; DDP across ranks when launched by torchrun."""
+        module = module.to(self.device)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return module
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.cfg.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def optimizer(self, params):
+        """AdamW with a linear warmup then cosine decay to 0 over ``max_steps``."""
+        cfg = self.cfg
+        opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.learning_rate,
+                                betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+
+        def factor(step):
+            if step < cfg.warmup_steps:
+                return (step + 1) / (cfg.warmup_steps + 1)
+            progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    def step(self, module, opt, sched) -> float:
+        """Clip, step, schedule, zero the gradients; return the pre-clipping gradient norm."""
+        params = [p for p in module.parameters() if p.grad is not None]
+        if self.cfg.max_grad_norm > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return norm
+
+    def check_finite(self, loss: torch.Tensor, step: int) -> None:
+        (bad,) = self.sum_all(float(not bool(torch.isfinite(loss.detach()).all())))  # every rank stops together
+        if bad:
+            found = checkpoint.list_checkpoints(self.out)
+            last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
+            raise TrainingDiverged(f"{self.command}: the loss is {float(loss.detach())} at step {step + 1}; stopped "
+                                   f"without saving these weights ({last}). Lower learning_rate or check the data.")
+
+    def sum_all(self, *values: float) -> list[float]:
+        """Sum numbers over ranks (identity on one process)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def mean_metrics(self, metrics: dict) -> dict:
+        """Mean of each scalar metric over ranks."""
+        keys = sorted(metrics)
+        vals = self.sum_all(*[float(metrics[k]) for k in keys])
+        return {k: v / self.world for k, v in zip(keys, vals)}
+
+    # ---- logging ---------------------------------------------------------------------------------------------
+    def progress(self, start: int):
+        if self.main and self.cfg.progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.cfg.max_steps, initial=start, desc=self.command, dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict, show: tuple = ()) -> None:
+        """Record metrics of ``step`` (1-based): metrics.jsonl, TensorBoard, the progress bar (rank 0 only)."""
+        if not self.main:
+            return
+        row = {"step": step, **{k: round(float(v), 6) for k, v in metrics.items()}}
+        self.history.append(row)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.cfg.report_to_tensorboard:
+            if self._tb is None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    self.cfg.report_to_tensorboard = False
+                else:
+                    self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            if self._tb is not None:
+                for k, v in metrics.items():
+                    self._tb.add_scalar(k, float(v), step)
+        if self._bar is None and show:
+            self.say(f"{self.command} step {step}: " + ", ".join(f"{k} {float(metrics[k]):.4g}" for k in show
+                                                                 if k in metrics))
+        if self._bar is not None and show:
+            self._postfix.update({k.split("/")[-1]: f"{float(metrics[k]):.3g}" for k in show if k in metrics})
+            self._bar.set_postfix(self._postfix, refresh=False)
+
+    def advance(self, step: int) -> None:
+        """After step ``step`` (1-based) is done. ``FASTALIGN_FAULT_KILL_AT_STEP=k`` SIGKILLs the process here at
+        step k (fault injection: the resume tests kill a real run at a known point)."""
+        if self._bar is not None:
+            self._bar.update(1)
+        if step == int(os.environ.get("FASTALIGN_FAULT_KILL_AT_STEP", "0")):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def say(self, text: str) -> None:
+        if not self.main:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def finish(self, summary: dict, plot_keys: list[list[str]]) -> dict:
+        """Close the sinks, write ``summary.json`` and the plots, print the summary (rank 0)."""
+        summary = {"command": self.command, "output_dir": str(self.out),
+                   "seconds": round(time.time() - self.started, 1), **summary}
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self.main:
+            if self.cfg.plots and self.history:
+                summary["plot"] = str(plot_history(self.history, plot_keys, self.out / "curves.png", self.command))
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            print(f"== {self.command} summary")
+            for k, v in summary.items():
+                print(f"  {k}: {round(v, 4) if isinstance(v, float) else v}")
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+        torch.set_num_threads(self._threads)
+        return summary
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def save(self, step: int, lm, tokenizer, opt, sched, consumed: int, extra_state=None, extra_models=None):
+        if not self.main:
+            return None
+        state = {"step": step, "consumed": consumed, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "rng": checkpoint.rng_state(), "history": self.history, **(extra_state or {})}
+        return checkpoint.save(self.out, step, lm, tokenizer, state, extra_models)
+
+    def save_final(self, lm, tokenizer, extra=None) -> Path:
+        final = self.out / "final"
+        if self.main:
+            lm.save_pretrained(str(final), safe_serialization=True)
+            tokenizer.save_pretrained(str(final))
+            if extra is not None:
+                extra(final)
+        return final
+
+    def resume_point(self):
+        """``(path, state)`` of the checkpoint to resume from, or ``(None, None)``."""
+        path = checkpoint.find_resume(self.cfg.resume, self.out)
+        if path is None:
+            old = checkpoint.list_checkpoints(self.out)
+            if self.main and old:  # a fresh run: an earlier run's checkpoints would mix with this one's
+                for p in old:
+                    shutil.rmtree(p)
+                self.say(f"{self.command}: starting fresh in {self.out}: removed {len(old)} checkpoint(s) of an "
+                         f"earlier run (pass resume=latest to continue a run instead)")
+            self._rewrite_metrics()
+            return None, None
+        state = checkpoint.load_state(path)
+        self.history = [r for r in state.get("history", []) if r["step"] <= state["step"]]
+        self._rewrite_metrics()  # drop rows logged after the checkpoint by the interrupted run
+        self.say(f"{self.command}: resuming from {path} (step {state['step']})")
+        return path, state
+
+    def _rewrite_metrics(self) -> None:
+        if self.main:
+            with open(self.out / "metrics.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.history)
+
+    def restore(self, state: dict, opt, sched) -> None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+
+    def every(self, k: int, step: int) -> bool:
+        """True at steps that are multiples of ``k`` (``k = 0``: never) and at the last step."""
+        return step == self.cfg.max_steps or (k > 0 and step % k == 0)
+
+
+def exact_match(lm, tokenizer, prompts, max_new_tokens: int) -> float:
+    """Fraction of greedy completions equal (after strip) to the answer, for ``(prompt_ids, answer)`` pairs."""
+    if not prompts:
+        return float("nan")
+    outs = greedy_complete(lm, tokenizer, [p for p, _ in prompts], max_new_tokens)
+    return sum(o.strip() == a for o, (_, a) in zip(outs, prompts)) / len(prompts)
+
+
+def plot_history(history: list[dict], groups: list[list[str]], path: Path, title: str) -> Path:
+    """One panel per group of metric names (those present), against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [[k for k in g if any(k in r for r in history)] for g in groups]
+    groups = [g for g in groups if g]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.2), squeeze=False)
+    for ax, keys in zip(axes[0], groups):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in history if k in r]
+            ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=k)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"fastalign {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,259 @@
+"""Data: read rows (JSONL, Parquet, a ``datasets`` directory), tokenize them, batch them reproducibly.
+
+Row formats (TRL's):
+
+- SFT: ``{"prompt": str, "completion": str}``, ``{"messages": [{"role", "content"}, ...]}`` (the last message is
+  the assistant's completion), or ``prompt``/``completion`` as message lists.
+- Preference: ``{"prompt": str, "chosen": str, "rejected": str}``, or ``chosen``/``rejected`` as message lists
+  (with ``prompt`` a message list, or absent when the conversations carry it).
+
+Chat messages are rendered with the tokenizer's chat template; the completion is what the full conversation adds
+after the prompt rendered with ``add_generation_prompt=True``. Labels are -100 on prompt tokens (loss on the
+completion only). A malformed row raises :class:`DataError` naming the file and line, or, with
+``skip_bad_rows``, is skipped, counted and reported.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastalign.train.model import ASSETS
+
+EMBEDDED_DATA = {"sft": "sft_train.jsonl", "pref": "pref_train.jsonl"}
+EMBEDDED_EVAL = {"sft": "eval.jsonl", "pref": "pref_eval.jsonl"}
+
+
+class DataError(ValueError):
+    """A row that cannot be used, with where it is (``file:line``)."""
+
+
+@dataclass
+class Skipped:
+    """Rows skipped under ``skip_bad_rows``: their locations and reasons."""
+
+    rows: list[str] = field(default_factory=list)
+
+    def add(self, where: str, why: str) -> None:
+        self.rows.append(f"{where}: {why}")
+
+    def report(self) -> str:
+        if not self.rows:
+            return ""
+        head = "\n  ".join(self.rows[:20])
+        more = f"\n  ... and {len(self.rows) - 20} more" if len(self.rows) > 20 else ""
+        return f"skipped {len(self.rows)} bad row(s):\n  {head}{more}"
+
+
+def resolve_data(path: str, kind: str, eval_set: bool = False) -> str:
+    """``"embedded"`` -> the asset file for ``kind`` ("sft" or "pref"); other paths unchanged."""
+    if path == "embedded":
+        return str(ASSETS / "data" / (EMBEDDED_EVAL if eval_set else EMBEDDED_DATA)[kind])
+    return path
+
+
+def iter_rows(path: str):
+    """Yield ``(where, row)`` for every row of a JSONL file, a Parquet file or a ``datasets`` directory.
+
+    A line that is not a JSON object raises :class:`DataError` with ``file:line`` (rows are yielded as
+    ``(where, DataError)`` so a caller may skip them instead).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    if p.is_dir():
+        try:
+            import datasets
+        except ImportError as e:
+            raise DataError(f"{path} is a directory: reading a saved dataset needs `pip install datasets`") from e
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        for i, row in enumerate(ds):
+            yield f"{path}[row {i}]", row
+        return
+    if p.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise DataError(f"reading {path} needs `pip install pyarrow`") from e
+        for i, row in enumerate(pq.read_table(str(p)).to_pylist()):
+            yield f"{path}[row {i}]", row
+        return
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(row, dict):
+                yield where, DataError(f"{where}: a row must be a JSON object; got {type(row).__name__}")
+                continue
+            yield where, row
+
+
+def _is_messages(x) -> bool:
+    return isinstance(x, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str) and
+                                       isinstance(m.get("content"), str) for m in x)
+
+
+class Encoder:
+    """Tokenize rows into ``(input_ids, labels)`` with completion-only labels and truncation."""
+
+    def __init__(self, tokenizer, max_length: int, truncation_mode: str = "keep_end"):
+        self.tok, self.max_length, self.mode = tokenizer, max_length, truncation_mode
+
+    def _text(self, text: str, special: bool) -> list[int]:
+        return self.tok(text, add_special_tokens=special)["input_ids"]
+
+    def _chat(self, messages, generation_prompt: bool) -> list[int]:
+        if not getattr(self.tok, "chat_template", None):
+            raise DataError("chat messages need a tokenizer with a chat template; this one has none")
+        out = self.tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    def prompt_ids(self, prompt) -> list[int]:
+        """The rendered prompt, as generation starts from it."""
+        return self._chat(prompt, True) if _is_messages(prompt) else self._text(prompt, True)
+
+    def encode(self, prompt, completion, where: str) -> tuple[list[int], list[int]]:
+        """``(input_ids, labels)`` of one prompt + completion; labels are -100 on the prompt."""
+        if _is_messages(completion):
+            prompt_msgs = prompt if _is_messages(prompt) else ([] if prompt in (None, "") else None)
+            if prompt_msgs is None:
+                raise DataError(f"{where}: prompt must be chat messages when the completion is; got {prompt!r:.60}")
+            if not prompt_msgs:  # the conversation holds its prompt: everything before the last message
+                prompt_msgs, completion = completion[:-1], completion[-1:]
+            p = self._chat(prompt_msgs, True)
+            full = self._chat(prompt_msgs + completion, False)
+            if full[:len(p)] != p:
+                raise DataError(f"{where}: the chat template does not render the prompt as a prefix of the "
+                                f"conversation, so the completion tokens cannot be found")
+            c = full[len(p):]
+        elif isinstance(completion, str) and isinstance(prompt, str):
+            p = self._text(prompt, True)
+            c = self._text(completion, False)
+            if self.tok.eos_token_id is not None:
+                c = c + [self.tok.eos_token_id]
+        else:
+            raise DataError(f"{where}: prompt and completion must both be strings, or chat messages (lists of "
+                            f"{{role, content}}); got {type(prompt).__name__} and {type(completion).__name__}")
+        ids, labels = p + c, [-100] * len(p) + c
+        if len(ids) > self.max_length:
+            cut = slice(None, self.max_length) if self.mode == "keep_start" else slice(-self.max_length, None)
+            ids, labels = ids[cut], labels[cut]
+        if all(t == -100 for t in labels[1:]):
+            raise DataError(f"{where}: no completion token is left after truncation to max_length="
+                            f"{self.max_length} ({self.mode}); raise max_length")
+        return ids, labels
+
+
+def _field(row: dict, name: str, where: str):
+    if name not in row or row[name] is None:
+        raise DataError(f"{where}: missing field {name!r} (fields present: {', '.join(sorted(row)) or 'none'})")
+    return row[name]
+
+
+def encode_sft_row(enc: Encoder, row: dict, where: str):
+    if "messages" in row:
+        msgs = row["messages"]
+        if not _is_messages(msgs) or len(msgs) < 2:
+            raise DataError(f"{where}: messages must be a list of at least 2 {{role, content}} messages")
+        return enc.encode(msgs[:-1], msgs[-1:], where)
+    return enc.encode(_field(row, "prompt", where), _field(row, "completion", where), where)
+
+
+def encode_pref_row(enc: Encoder, row: dict, where: str):
+    prompt = row.get("prompt", "")
+    chosen, rejected = _field(row, "chosen", where), _field(row, "rejected", where)
+    if _is_messages(chosen) and not prompt:  # implicit prompt: the shared beginning of the two conversations
+        k = 0
+        while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
+            k += 1
+        prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+    return enc.encode(prompt, chosen, where) + enc.encode(prompt, rejected, where)
+
+
+def load_examples(path: str, encode_row, enc: Encoder, skip_bad_rows: bool, skipped: Skipped | None = None):
+    """Encode every row of ``path`` with ``encode_row(enc, row, where)``; bad rows raise or are skipped."""
+    skipped = skipped if skipped is not None else Skipped()
+    out = []
+    for where, row in iter_rows(path):
+        try:
+            if isinstance(row, DataError):
+                raise row
+            out.append(encode_row(enc, row, where))
+        except DataError as e:
+            if not skip_bad_rows:
+                raise DataError(f"{e} (or pass --skip-bad-rows to skip and count bad rows)") from None
+            skipped.add(where, str(e).split(": ", 1)[-1])
+    if not out:
+        raise DataError(f"{path}: no usable rows" + (f"; {skipped.report()}" if skipped.rows else ""))
+    return out
+
+
+def load_prompts(path: str, enc: Encoder):
+    """``(prompt_ids, answer)`` pairs of prompt/completion rows (for the exact-match evaluation)."""
+    out = []
+    for where, row in iter_rows(path):
+        if isinstance(row, DataError):
+            raise row
+        out.append((enc.prompt_ids(_field(row, "prompt", where)), str(_field(row, "completion", where)).strip()))
+    return out
+
+
+def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    T = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), T), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def collate_sft(examples, pad_id: int) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]``."""
+    ids = [e[0] for e in examples]
+    return {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(s) for s in ids], 0),
+            "labels": pad([e[1] for e in examples], -100)}
+
+
+def collate_pref(examples, pad_id: int) -> dict:
+    """The chosen sequences stacked over the rejected ones: ``[2B, T]`` (rows ``[:B]`` chosen, ``[B:]`` rejected)."""
+    rows = [(e[0], e[1]) for e in examples] + [(e[2], e[3]) for e in examples]
+    return collate_sft(rows, pad_id)
+
+
+class BatchStream:
+    """Example indices in reproducible shuffled epochs, resumable from the number consumed.
+
+    Epoch ``k`` is ``randperm(n)`` drawn from ``seed + k``. With ``world`` ranks, each takes every
+    ``world``-th index of the global batch, so the global order does not depend on the number of ranks.
+    """
+
+    def __init__(self, n: int, seed: int, consumed: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.consumed, self.rank, self.world = n, seed, consumed, rank, world
+        self._epoch, self._order = -1, None
+
+    def _index(self, i: int) -> int:
+        epoch = i // self.n
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return int(self._order[i % self.n])
+
+    def next(self, per_device: int) -> list[int]:
+        """The next global batch of ``per_device * world`` indices; this rank's share."""
+        start = self.consumed
+        self.consumed += per_device * self.world
+        return [self._index(i) for i in range(start + self.rank, start + per_device * self.world, self.world)]
+
+    @property
+    def epoch(self) -> float:
+        return self.consumed / self.n

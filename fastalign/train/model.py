@@ -1,0 +1,184 @@
+"""Model adapter: load a causal LM, run its decoder to the final hidden states, and score tokens without logits.
+
+Any ``AutoModelForCausalLM`` loads from a local path (or a hub id when the network allows). Training and
+reference scoring never build the ``[tokens, vocab]`` logits: the decoder's final hidden states go with the
+output embedding (tied or not) to :func:`fastalign.linear_logprobs`, with the softcap
+(``final_logit_softcapping``) and ``logit_scale`` read from the model config, then per-sequence sums come from
+:func:`fastalign.segment_sum` over the packed completion tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastalign.ops.logprobs import linear_logprobs
+from fastalign.ops.segment_sum import segment_sum
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EMBEDDED = "embedded"  # the model/tokenizer name that selects fastalign/assets/
+
+
+def load_tokenizer(path: str):
+    """The tokenizer at ``path`` (``"embedded"``: the character-level tokenizer of fastalign/assets/)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(ASSETS / "tokenizer") if path == EMBEDDED else path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """The causal LM at ``path``; ``"embedded"`` builds the tiny Llama of fastalign/assets/ with a random init
+    drawn from ``seed`` (the same weights for the same seed, whatever the global RNG state)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if path != EMBEDDED:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    config = AutoConfig.from_pretrained(str(ASSETS / "model"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    return model.to(dtype)
+
+
+def enable_checkpointing(lm) -> None:
+    """Recompute the decoder layers' activations in backward (transformers 5's name, else the older one)."""
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable()
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def lm_head_options(config) -> dict:
+    """``softcap`` and ``logit_scale`` of the model's logit processing, read from its config."""
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    return {"softcap": float(softcap) if softcap else None, "logit_scale": float(scale) if scale else 1.0}
+
+
+def final_hidden(lm, input_ids, attention_mask):
+    """The decoder's last hidden states ``[B, T, D]`` (``lm.get_decoder()``: the model without its LM head)."""
+    return lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def packed_targets(labels):
+    """Select the scored positions: ``(mask [B, T-1], targets [N], cu_seqlens [B+1])`` for next-token labels.
+
+    Position ``t`` predicts ``labels[:, t + 1]``; positions whose label is -100 are not scored.
+    """
+    targets = labels[:, 1:]
+    mask = targets != -100
+    counts = mask.sum(1)
+    cu = torch.zeros(labels.shape[0] + 1, dtype=torch.int64, device=labels.device)
+    cu[1:] = counts.cumsum(0)
+    return mask, targets[mask], cu
+
+
+class SequenceLogps(nn.Module):
+    """Wrap a causal LM: ``forward(input_ids, attention_mask, labels) -> (logps [B], n_tokens [B])``.
+
+    Same as ``log_softmax(lm(input_ids).logits[:, :-1]).gather(-1, labels[:, 1:]).masked_sum(-1)``, counting
+    only labels != -100, without the logits. Wrapping the whole computation in one module lets DDP/FSDP hook
+    its forward.
+
+    Example:
+        >>> policy = SequenceLogps(load_model("embedded"))
+        >>> logps, n = policy(ids, mask, labels)   # ids/mask/labels [B, T]
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        self.head_options = lm_head_options(lm.config)
+
+    def forward(self, input_ids, attention_mask, labels):
+        hidden = final_hidden(self.lm, input_ids, attention_mask)
+        mask, targets, cu = packed_targets(labels)
+        head = self.lm.get_output_embeddings()
+        h = hidden[:, :-1][mask]
+        weight = head.weight.to(h.dtype)
+        bias = None if getattr(head, "bias", None) is None else head.bias.to(h.dtype)
+        token_logps = linear_logprobs(h, weight, targets, bias, **self.head_options)
+        return segment_sum(token_logps, cu), cu.diff()
+
+
+class RewardModel(nn.Module):
+    """A causal LM's decoder plus a scalar value head read at each sequence's last real token.
+
+    ``forward(input_ids, attention_mask) -> scores [B]`` (float32). The head is saved beside the model as
+    ``value_head.safetensors`` (:func:`save_value_head` / :func:`load_value_head`).
+    """
+
+    def __init__(self, lm, value_head: nn.Linear | None = None):
+        super().__init__()
+        self.lm = lm
+        self.value_head = value_head if value_head is not None else nn.Linear(lm.config.hidden_size, 1)
+        if value_head is None:
+            nn.init.normal_(self.value_head.weight, std=1.0 / (lm.config.hidden_size + 1) ** 0.5)
+            nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = final_hidden(self.lm, input_ids, attention_mask)
+        last = attention_mask.long().cumsum(1).argmax(1)  # index of the last real token (right padding)
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+
+def save_value_head(head: nn.Linear, directory) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
+              str(Path(directory) / "value_head.safetensors"))
+
+
+def load_value_head(directory, hidden_size: int) -> nn.Linear | None:
+    """The value head saved in ``directory``, or None when there is none."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / "value_head.safetensors"
+    if not path.exists():
+        return None
+    head = nn.Linear(hidden_size, 1)
+    head.load_state_dict(load_file(str(path)))
+    return head
+
+
+@torch.no_grad()
+def greedy_complete(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 256) -> list[str]:
+    """Greedy completions (decoded text) of tokenized prompts (evaluation only: generation builds logits)."""
+    was_training = lm.training
+    lm.eval()
+    device = next(lm.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    out = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            T = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), T), dtype=torch.long)
+            for k, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
+                ids[k, T - len(p):] = torch.tensor(p, dtype=torch.long)
+                mask[k, T - len(p):] = 1
+            gen = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                              do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+            out += tokenizer.batch_decode(gen[:, T:], skip_special_tokens=True)
+    finally:
+        lm.train(was_training)
+    return out
+
+
+def model_fingerprint(lm) -> str:
+    """A short sha256 of the model's config and weights (keys the reference-logps cache)."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(lm.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, t in sorted(lm.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

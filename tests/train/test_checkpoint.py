@@ -1,0 +1,102 @@
+"""Checkpoints: a killed run resumes to bitwise-identical weights; corrupt checkpoints and NaN losses are caught."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from trainhelp import quick
+
+from fastalign.train import DPOConfig, SFTConfig, train_dpo, train_sft
+from fastalign.train.checkpoint import CheckpointError, list_checkpoints, verify
+from fastalign.train.common import TrainingDiverged
+from fastalign.train.config import make_config
+from fastalign.train.model import SequenceLogps
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def weights(run_dir):
+    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
+
+
+def cli_args(over: dict) -> list[str]:
+    return [f"{k}={v}" for k, v in over.items()]
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_killed_run_resumes_bitwise(tmp_path, small_data, kind):
+    cls, fn = (SFTConfig, train_sft) if kind == "sft" else (DPOConfig, train_dpo)
+    common = {"max_steps": 5, "save_steps": 2, "gen_eval_data": "", "eval_data": ""}
+    if kind == "dpo":
+        common.update(sync_ref_model=True, ref_model_sync_steps=1)  # the moving reference must resume too
+    whole = quick(tmp_path / "whole", small_data, kind, **common)
+    fn(make_config(cls, whole, kind))
+
+    cut = quick(tmp_path / "cut", small_data, kind, **common)
+    env = {**os.environ, "FASTALIGN_FAULT_KILL_AT_STEP": "3", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "fastalign.cli", kind, *cli_args(cut)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILLed after step 3, before the step-4 save
+    assert [p.name for p in list_checkpoints(cut["output_dir"])] == ["checkpoint-000002"]
+    assert not (Path(cut["output_dir"]) / "final").exists()
+    fn(make_config(cls, {**cut, "resume": "latest"}, kind))
+
+    steps = [json.loads(line)["step"] for line in open(Path(cut["output_dir"]) / "metrics.jsonl")]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no rows repeated by the resumed run
+    a, b = weights(whole["output_dir"]), weights(cut["output_dir"])
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_corrupt_and_incomplete_checkpoints_are_reported(tmp_path, small_data):
+    cfg = make_config(SFTConfig, quick(tmp_path, small_data, "sft", max_steps=2, save_steps=1, gen_eval_data=""),
+                      "sft")
+    train_sft(cfg)
+    first, last = list_checkpoints(cfg.output_dir)
+    verify(last)
+    model_file = last / "model.safetensors"
+    data = model_file.read_bytes()
+    model_file.write_bytes(data[:-100])  # truncated
+    with pytest.raises(CheckpointError, match=r"model\.safetensors has \d+ bytes, expected \d+ \(truncated\?\)"):
+        train_sft(make_config(SFTConfig, {**vars(cfg), "resume": "latest"}, "sft"))
+    model_file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one flipped bit
+    with pytest.raises(CheckpointError, match="does not match its sha256"):
+        verify(last)
+    (first / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete: no manifest.json"):
+        verify(first)
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        train_sft(make_config(SFTConfig, {**vars(cfg), "resume": str(tmp_path / "nope")}, "sft"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, small_data, monkeypatch):
+    calls = {"n": 0}
+    forward = SequenceLogps.forward
+
+    def poisoned(self, *args, **kwargs):
+        logps, n = forward(self, *args, **kwargs)
+        calls["n"] += torch.is_grad_enabled()  # count the policy's training forwards only
+        return (logps * float("nan") if calls["n"] >= 3 else logps), n
+
+    monkeypatch.setattr(SequenceLogps, "forward", poisoned)
+    cfg = make_config(DPOConfig, quick(tmp_path, small_data, "dpo", max_steps=4, save_steps=1, gen_eval_data="",
+                                       eval_data=""), "dpo")
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3.*last good checkpoint is .*checkpoint-000002"):
+        train_dpo(cfg)
+    assert [p.name for p in list_checkpoints(cfg.output_dir)] == ["checkpoint-000001", "checkpoint-000002"]
+    verify(list_checkpoints(cfg.output_dir)[-1])
+
+
+def test_a_fresh_run_replaces_an_earlier_runs_checkpoints_and_metrics(tmp_path, small_data, capsys):
+    over = quick(tmp_path, small_data, "sft", max_steps=2, save_steps=1, gen_eval_data="")
+    train_sft(make_config(SFTConfig, over, "sft"))
+    train_sft(make_config(SFTConfig, {**over, "max_steps": 1}, "sft"))
+    assert "removed 2 checkpoint(s) of an earlier run" in capsys.readouterr().out
+    assert [p.name for p in list_checkpoints(over["output_dir"])] == ["checkpoint-000001"]
+    assert [json.loads(line)["step"] for line in open(Path(over["output_dir"]) / "metrics.jsonl")] == [1]
