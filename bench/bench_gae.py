@@ -27,32 +27,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastalign  # noqa: E402
 from bench._harness import RESULTS, environment, median_time_ms, plot_lines, write_results  # noqa: E402
 from fastalign._backend import availability  # noqa: E402
+from fastalign.ops.gae.naive import trl_style_gae, verl_style_gae  # noqa: E402
 
 GAMMA, LAM = 1.0, 0.95
 
 
 def trl_loop(rewards, values, mask):
-    T = rewards.shape[1]
-    lastgaelam, out = 0.0, []
-    for t in reversed(range(T)):
-        nextvalues = values[:, t + 1] if t < T - 1 else 0.0
-        delta = rewards[:, t] + GAMMA * nextvalues - values[:, t]
-        lastgaelam = delta + GAMMA * LAM * lastgaelam
-        out.append(lastgaelam)
-    adv = torch.stack(out[::-1], dim=1)
-    return adv, adv + values
+    return trl_style_gae(rewards, values, GAMMA, LAM)
 
 
 def verl_loop(rewards, values, mask):
-    nextvalues, lastgaelam, out = 0.0, 0.0, []
-    for t in reversed(range(rewards.shape[1])):
-        delta = rewards[:, t] + GAMMA * nextvalues - values[:, t]
-        lastgaelam_ = delta + GAMMA * LAM * lastgaelam
-        nextvalues = values[:, t] * mask[:, t] + (1 - mask[:, t]) * nextvalues
-        lastgaelam = lastgaelam_ * mask[:, t] + (1 - mask[:, t]) * lastgaelam
-        out.append(lastgaelam)
-    adv = torch.stack(out[::-1], dim=1)
-    return adv, adv + values
+    return verl_style_gae(rewards, values, mask, GAMMA, LAM)
 
 
 def torch_vectorized(rewards, values, mask):

@@ -153,33 +153,6 @@ def test_hand_derived_values(impl, impl_on):
     torch.testing.assert_close(g.cpu(), torch.tensor([[1 + 0.5 * 4.5, 2 + 0.5 * 5, 3 + 0.5 * 4]]))
 
 
-def _trl_loop(rewards, values, gamma, lam):
-    """The TRL-style loop (no mask: padding carries zero rewards and values)."""
-    T = rewards.shape[1]
-    lastgaelam, out = 0.0, []
-    for t in reversed(range(T)):
-        nextvalues = values[:, t + 1] if t < T - 1 else 0.0
-        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam = delta + gamma * lam * lastgaelam
-        out.append(lastgaelam)
-    adv = torch.stack(out[::-1], dim=1)
-    return adv, adv + values
-
-
-def _verl_loop(rewards, values, mask, gamma, lam):
-    """The verl-style loop: the state is carried through masked positions by blending with the mask."""
-    nextvalues, lastgaelam, out = 0.0, 0.0, []
-    m = mask.float()
-    for t in reversed(range(rewards.shape[1])):
-        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam_ = delta + gamma * lam * lastgaelam
-        nextvalues = values[:, t] * m[:, t] + (1 - m[:, t]) * nextvalues
-        lastgaelam = lastgaelam_ * m[:, t] + (1 - m[:, t]) * lastgaelam
-        out.append(lastgaelam)
-    adv = torch.stack(out[::-1], dim=1)
-    return adv, adv + values
-
-
 @pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
 def test_agrees_with_trl_and_verl_loops(impl, impl_on):
     impl_on(impl, "cpu")
@@ -187,13 +160,13 @@ def test_agrees_with_trl_and_verl_loops(impl, impl_on):
     m = _mask("right", B, T, "cpu")
     r, v = torch.randn(B, T).double() * m, torch.randn(B, T).double() * m
     adv, ret = gae(r.float(), v.float(), mask=m, gamma=0.99, lam=0.95, impl=impl)
-    trl_adv, trl_ret = _trl_loop(r, v, 0.99, 0.95)
+    trl_adv, trl_ret = naive.trl_style_gae(r, v, 0.99, 0.95)
     assert_close_to_ref(adv, torch.where(m, trl_adv, 0.0), atol=1e-5, name="vs TRL loop")
     assert_close_to_ref(ret, torch.where(m, trl_ret, 0.0), atol=1e-5, name="vs TRL loop")
     m = _mask("holes", B, T, "cpu")
     r, v = torch.randn(B, T).double(), torch.randn(B, T).double()
     adv, ret = gae(r.float(), v.float(), mask=m, gamma=0.99, lam=0.95, impl=impl)
-    verl_adv, verl_ret = _verl_loop(r, v, m, 0.99, 0.95)
+    verl_adv, verl_ret = naive.verl_style_gae(r, v, m, 0.99, 0.95)
     assert_close_to_ref(adv, torch.where(m, verl_adv, 0.0), atol=1e-5, name="vs verl loop")
     assert_close_to_ref(ret, torch.where(m, verl_ret, 0.0), atol=1e-5, name="vs verl loop")
 

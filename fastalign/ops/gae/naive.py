@@ -68,3 +68,33 @@ def discounted_returns(rewards, mask=None, cu_seqlens=None, gamma=1.0, bootstrap
     """``G_t = r_t + gamma G_next`` over the valid tokens of each sequence, ``G`` after the last = ``bootstrap``
     (0 when None): GAE with ``lam=1`` and all-zero values."""
     return gae(rewards, None, mask, cu_seqlens, gamma, 1.0, bootstrap)[0]
+
+
+def trl_style_gae(rewards, values, gamma, lam):
+    """GAE as TRL's PPO trainer loops over time (no mask: padding must carry zero rewards and values).
+
+    Kept beside the reference as the behaviour users migrate from; the tests and ``bench/bench_gae.py`` use it.
+    """
+    T = rewards.shape[1]
+    lastgaelam, out = 0.0, []
+    for t in reversed(range(T)):
+        nextvalues = values[:, t + 1] if t < T - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        out.append(lastgaelam)
+    adv = torch.stack(out[::-1], dim=1)
+    return adv, adv + values
+
+
+def verl_style_gae(rewards, values, mask, gamma, lam):
+    """GAE as verl loops over time: the state is carried through masked positions by blending with the mask."""
+    nextvalues, lastgaelam, out = 0.0, 0.0, []
+    m = mask.to(rewards.dtype)
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam_ = delta + gamma * lam * lastgaelam
+        nextvalues = values[:, t] * m[:, t] + (1 - m[:, t]) * nextvalues
+        lastgaelam = lastgaelam_ * m[:, t] + (1 - m[:, t]) * lastgaelam
+        out.append(lastgaelam)
+    adv = torch.stack(out[::-1], dim=1)
+    return adv, adv + values
