@@ -38,7 +38,6 @@ from fastalign.ops.logprobs import naive
 IMPLS = ("torch", "triton", "cpp")
 
 
-
 @dataclass(frozen=True)
 class LogprobsParams:
     """Non-tensor options of linear_logprobs, passed as one object through every layer."""
