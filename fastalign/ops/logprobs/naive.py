@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from fastalign._utils import new_output
+
 
 def processed_logits(hidden, weight, bias=None, temperature=1.0, softcap=None, logit_scale=1.0):
     """``z = softcap_c(logit_scale * (hidden @ weight.T + bias)) / temperature`` as float32 (float64)."""
@@ -63,9 +65,9 @@ def linear_logprobs_fwd(hidden, weight, targets, bias, params):
     lse and sum_pz in float64."""
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     N, V = hidden.shape[0], weight.shape[0]
-    lse = torch.empty(N, dtype=torch.float64, device=hidden.device)
-    z_target = torch.empty(N, dtype=acc, device=hidden.device)
-    sum_pz = torch.empty_like(lse) if params.return_entropy else None
+    lse = new_output((N,), dtype=torch.float64, device=hidden.device)
+    z_target = new_output((N,), dtype=acc, device=hidden.device)
+    sum_pz = new_output((N,), dtype=torch.float64, device=hidden.device) if params.return_entropy else None
     local = targets.long() - params.vocab_start
     owned = (local >= 0) & (local < V)
     local = local.clamp(0, max(V - 1, 0))
@@ -95,7 +97,7 @@ def linear_logprobs_bwd(hidden, weight, targets, bias, lse, sum_pz, grad_logprob
     local = targets.long() - params.vocab_start
     owned = (local >= 0) & (local < V)
     w, h = weight.to(acc), hidden.to(acc)
-    grad_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device)
+    grad_hidden = new_output(hidden.shape, dtype=acc, device=hidden.device)
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=hidden.device) if params.compute_grad_weight else None
     grad_bias = torch.zeros(V, dtype=acc, device=hidden.device) if bias is not None else None
     for rows, z in _row_blocks(hidden, weight, bias, params):
