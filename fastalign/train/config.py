@@ -60,6 +60,9 @@ class TrainConfig:
                 "measured 3x faster than 2 threads on a busy 2-core machine), else torch's default"})
     dtype: str = field(default="float32", metadata={"help": "dtype of the weights: float32, bfloat16, float64"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast on GPU (ignored on CPU)"})
+    distributed: str = field(default="ddp", metadata={
+        "help": "with torchrun (2+ processes): ddp (a full replica per rank) or fsdp (FSDP2 fully_shard: each "
+                "decoder layer, then the root with the embeddings and LM head; sft and dpo)"})
     gradient_checkpointing: bool = False
     resume: str = field(default="", metadata={"help": "'latest': the newest checkpoint in output_dir; or a "
                                               "checkpoint directory; '': start fresh"})
@@ -174,7 +177,10 @@ def _validate(cfg, command: str) -> None:
               ("gradient_accumulation_steps", cfg.gradient_accumulation_steps >= 1, ">= 1"),
               ("learning_rate", cfg.learning_rate >= 0, ">= 0"), ("warmup_steps", cfg.warmup_steps >= 0, ">= 0"),
               ("truncation_mode", cfg.truncation_mode in ("keep_end", "keep_start"), "keep_end or keep_start"),
-              ("dtype", cfg.dtype in ("float32", "bfloat16", "float64"), "float32, bfloat16 or float64")]
+              ("dtype", cfg.dtype in ("float32", "bfloat16", "float64"), "float32, bfloat16 or float64"),
+              ("distributed", cfg.distributed in ("ddp", "fsdp"), "ddp or fsdp"),
+              ("distributed", not (isinstance(cfg, RMConfig) and cfg.distributed == "fsdp"),
+               "ddp for rm (FSDP2 is supported by sft and dpo)")]
     if isinstance(cfg, DPOConfig):
         from fastalign.losses.dpo import LOSS_TYPES
 

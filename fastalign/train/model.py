@@ -106,6 +106,11 @@ class SequenceLogps(nn.Module):
         token_logps = linear_logprobs(h, weight, targets, bias, **self.head_options)
         return segment_sum(token_logps, cu), cu.diff()
 
+    def generate(self, **kwargs):
+        """``self.lm.generate(**kwargs)`` (under FSDP2 registered as a forward method, so the root's sharded
+        parameters are gathered around it)."""
+        return self.lm.generate(**kwargs)
+
 
 class RewardModel(nn.Module):
     """A causal LM's decoder plus a scalar value head read at each sequence's last real token.

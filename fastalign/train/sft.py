@@ -80,7 +80,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         run.restore(state, opt, sched)
         start, stream.consumed, before = state["step"], state["consumed"], state.get("exact_match_before")
     elif prompts:
-        before = exact_match(lm, tok, prompts, cfg.max_new_tokens)
+        before = exact_match(run.generator(lm), tok, prompts, cfg.max_new_tokens)
         run.say(f"sft: exact match of greedy generations before training: {before:.3f}")
 
     run.progress(start)
@@ -114,7 +114,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     if held_out:
         summary["eval_loss"] = run.history[-1].get("eval_loss") if run.history else None
     if prompts:
-        summary.update(exact_match_before=before, exact_match_after=exact_match(lm, tok, prompts, cfg.max_new_tokens))
+        summary.update(exact_match_before=before, exact_match_after=exact_match(run.generator(lm), tok, prompts, cfg.max_new_tokens))
     if skipped.rows:
         summary["skipped_rows"] = len(skipped.rows)
     return run.finish(summary, [["loss", "eval_loss"], ["grad_norm"], ["learning_rate"]])
