@@ -20,7 +20,6 @@ from fastalign.train import checkpoint
 from fastalign.train.config import to_dict
 from fastalign.train.model import greedy_complete
 
-
 _MODES = {"fsdp": "with distributed=fsdp under torchrun", "ddp": "on one process or with distributed=ddp"}
 
 

@@ -114,7 +114,8 @@ def train_sft(cfg: SFTConfig) -> dict:
     if held_out:
         summary["eval_loss"] = run.history[-1].get("eval_loss") if run.history else None
     if prompts:
-        summary.update(exact_match_before=before, exact_match_after=exact_match(run.generator(lm), tok, prompts, cfg.max_new_tokens))
+        after = exact_match(run.generator(lm), tok, prompts, cfg.max_new_tokens)
+        summary.update(exact_match_before=before, exact_match_after=after)
     if skipped.rows:
         summary["skipped_rows"] = len(skipped.rows)
     return run.finish(summary, [["loss", "eval_loss"], ["grad_norm"], ["learning_rate"]])
