@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from fastalign.train import checkpoint
 from fastalign.train.config import to_dict
-from fastalign.train.model import greedy_complete
+from fastalign.train.model import greedy_complete, save_merged
 
 _MODES = {"fsdp": "with distributed=fsdp under torchrun", "ddp": "on one process or with distributed=ddp"}
 
@@ -260,7 +260,10 @@ class Run:
         final = self.out / "final"
         weights, _ = self.full_states(lm)
         if self.main:
-            lm.save_pretrained(str(final), safe_serialization=True, state_dict=weights)
+            if weights is None:
+                save_merged(lm, final)
+            else:
+                lm.save_pretrained(str(final), safe_serialization=True, state_dict=weights)
             tokenizer.save_pretrained(str(final))
             if extra is not None:
                 extra(final)

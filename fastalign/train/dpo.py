@@ -22,8 +22,8 @@ from fastalign.train.data import BatchStream, collate_pref, encode_pref_row
 from fastalign.train.model import (
     EMBEDDED,
     SequenceLogps,
-    enable_checkpointing,
     load_model,
+    load_policy,
     load_tokenizer,
     model_fingerprint,
 )
@@ -133,9 +133,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     tok = load_tokenizer(cfg.tokenizer or start_model)
     train, held_out, prompts, skipped = setup_data(cfg, "pref", encode_pref_row, run, tok)
     resume_path, state = run.resume_point()
-    lm = load_model(str(resume_path) if resume_path else start_model, seed=cfg.seed, dtype=cfg.torch_dtype)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(lm)
+    lm = load_policy(start_model, cfg, resume_path)
     policy = run.wrap(SequenceLogps(lm))
 
     # the reference: none (reference-free types), precomputed log-probabilities, or a (moving) copy

@@ -16,7 +16,7 @@ from fastalign.train.data import (
     load_prompts,
     resolve_data,
 )
-from fastalign.train.model import SequenceLogps, enable_checkpointing, load_model, load_tokenizer
+from fastalign.train.model import SequenceLogps, load_policy, load_tokenizer
 
 
 def to_device(batch: dict, device) -> dict:
@@ -69,9 +69,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     encode = encode_sft_row if cfg.completion_only_loss else _full_sequence_loss
     train, held_out, prompts, skipped = setup_data(cfg, "sft", encode, run, tok)
     resume_path, state = run.resume_point()
-    lm = load_model(str(resume_path) if resume_path else cfg.model, seed=cfg.seed, dtype=cfg.torch_dtype)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(lm)
+    lm = load_policy(cfg.model, cfg, resume_path)
     policy = run.wrap(SequenceLogps(lm))
     opt, sched = run.optimizer(policy.parameters())
     stream = BatchStream(len(train), cfg.seed, rank=run.rank, world=run.world)
