@@ -62,7 +62,9 @@ def load_policy(path: str, cfg, resume=None):
     targets = cfg.lora_target_modules
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
                       target_modules=targets[0] if targets == ["all-linear"] else targets)
-    return get_peft_model(lm, lora)
+    with torch.random.fork_rng(devices=[]):  # the adapters' random init, the same for the same seed
+        torch.manual_seed(cfg.seed)
+        return get_peft_model(lm, lora)
 
 
 def save_merged(lm, directory) -> None:
