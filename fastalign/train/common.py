@@ -75,17 +75,17 @@ class Run:
     def wrap(self, module):
         """Move to the device; across ranks (torchrun) wrap with DDP, or shard with FSDP2 (``distributed=fsdp``).
 
-        FSDP2 shards each decoder layer as its own group, then the root ``module`` (embeddings, final norm, LM
-        head). :class:`SequenceLogps` reads the LM-head weight inside its own forward, which is the root's: FSDP
-        has gathered the full weight there and reduce-scatters its gradient in backward, so the fused op sees
-        the whole ``[V, D]`` matrix and the sharded parameter gets its gradient.
+        FSDP2 shards each decoder layer (:func:`decoder_layers`) as its own group, then the root ``module``
+        (embeddings, final norm, LM head). :class:`SequenceLogps` reads the LM-head weight inside its own forward,
+        which is the root's: FSDP has gathered the full weight there and reduce-scatters its gradient in
+        backward, so the fused op sees the whole ``[V, D]`` matrix and the sharded parameter gets its gradient.
         """
         module = module.to(self.device)
         self.wrapped = module
-        if self.world > 1 and self.fsdp:
+        if self.fsdp:
             from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-            for layer in module.lm.get_decoder().layers:
+            for layer in decoder_layers(module.lm):
                 fully_shard(layer)
             fully_shard(module)
             if hasattr(module, "generate"):  # greedy evaluation runs through the root's unshard hooks too
@@ -312,6 +312,16 @@ class Run:
     def every(self, k: int, step: int) -> bool:
         """True at steps that are multiples of ``k`` (``k = 0``: never) and at the last step."""
         return step == self.cfg.max_steps or (k > 0 and step % k == 0)
+
+
+def decoder_layers(lm) -> list:
+    """The decoder layers of a transformers model (the classes named in its ``_no_split_modules``)."""
+    blocks = set(getattr(lm, "_no_split_modules", None) or ())
+    layers = [m for m in lm.modules() if type(m).__name__ in blocks]
+    if not layers:
+        raise ValueError(f"distributed=fsdp: no decoder layers to shard in {type(lm).__name__}: expected modules "
+                         f"of the classes in its _no_split_modules, got {sorted(blocks)}; use distributed=ddp")
+    return layers
 
 
 def exact_match(lm, tokenizer, prompts, max_new_tokens: int) -> float:

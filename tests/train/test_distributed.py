@@ -14,7 +14,9 @@ from trainhelp import logged, quick, torchrun
 from fastalign.testing import assert_close_to_ref
 from fastalign.train import DPOConfig, SFTConfig, train_dpo, train_sft
 from fastalign.train.checkpoint import CheckpointError
+from fastalign.train.common import decoder_layers
 from fastalign.train.config import ConfigError, RMConfig, make_config
+from fastalign.train.model import load_model
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
@@ -77,3 +79,10 @@ def test_distributed_option_is_checked():
         make_config(SFTConfig, {"distributed": "zero3"}, "sft")
     with pytest.raises(ConfigError, match="distributed must be ddp for rm"):
         make_config(RMConfig, {"distributed": "fsdp"}, "rm")
+
+
+def test_decoder_layers_are_found_or_reported():
+    lm = load_model("embedded")
+    assert decoder_layers(lm) == list(lm.model.layers)
+    with pytest.raises(ValueError, match="no decoder layers to shard in Linear"):
+        decoder_layers(torch.nn.Linear(2, 2))
