@@ -54,18 +54,19 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(output_dir, step: int, lm, tokenizer, state: dict, extra_models: dict | None = None,
-         keep: int = 2) -> Path:
+         keep: int = 2, weights: dict | None = None) -> Path:
     """Write ``checkpoint-<step>`` atomically; keep the newest ``keep`` checkpoints. Returns its path.
 
     ``extra_models`` maps a name to a ``PreTrainedModel`` (saved with ``save_pretrained`` under that name) or
-    to a callable ``f(directory)`` that writes its files into the checkpoint directory.
+    to a callable ``f(directory)`` that writes its files into the checkpoint directory. ``weights``: the model's
+    full state dict when ``lm``'s own parameters are sharded (FSDP2), else None.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step:06d}"
     tmp = output_dir / f"checkpoint-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    lm.save_pretrained(str(tmp), safe_serialization=True)
+    lm.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     for name, obj in (extra_models or {}).items():

@@ -18,7 +18,9 @@ import torch.distributed as dist
 
 from fastalign.train import checkpoint
 from fastalign.train.config import to_dict
-from fastalign.train.model import greedy_complete
+from fastalign.train.model import greedy_complete, save_merged
+
+_MODES = {"fsdp": "with distributed=fsdp under torchrun", "ddp": "on one process or with distributed=ddp"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -51,6 +53,7 @@ class Run:
         self.out = Path(cfg.output_dir)
         self.history: list[dict] = []
         self._tb = self._bar = None
+        self.wrapped = None  # the module given to wrap(), sharded in place under FSDP2
         self._postfix: dict[str, str] = {}
         self.started = time.time()
         try:  # the checkpoints' "Writing model shards" bars would break the run's progress bar
@@ -64,14 +67,39 @@ class Run:
             (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
     # ---- model and optimization -------------------------------------------------------------------------
+    @property
+    def fsdp(self) -> bool:
+        """True when the model is sharded with FSDP2 (``distributed=fsdp`` under torchrun with 2+ processes)."""
+        return self.world > 1 and self.cfg.distributed == "fsdp"
+
     def wrap(self, module):
-        """Move to the device; DDP across ranks when launched by torchrun."""
+        """Move to the device; across ranks (torchrun) wrap with DDP, or shard with FSDP2 (``distributed=fsdp``).
+
+        FSDP2 shards each decoder layer (:func:`decoder_layers`) as its own group, then the root ``module``
+        (embeddings, final norm, LM head). :class:`SequenceLogps` reads the LM-head weight inside its own forward,
+        which is the root's: FSDP has gathered the full weight there and reduce-scatters its gradient in
+        backward, so the fused op sees the whole ``[V, D]`` matrix and the sharded parameter gets its gradient.
+        """
         module = module.to(self.device)
-        if self.world > 1:
+        self.wrapped = module
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+            for layer in decoder_layers(module.lm):
+                fully_shard(layer)
+            fully_shard(module)
+            if hasattr(module, "generate"):  # greedy evaluation runs through the root's unshard hooks too
+                register_fsdp_forward_method(module, "generate")
+        elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return module
+
+    def generator(self, lm):
+        """What greedy generation calls ``generate`` on: the LM, or under FSDP2 the sharded root (whose
+        ``generate`` gathers the root's parameters first; every rank must call it)."""
+        return self.wrapped if self.fsdp else lm
 
     def autocast(self):
         if self.device.type == "cuda" and self.cfg.bf16:
@@ -95,10 +123,12 @@ class Run:
     def step(self, module, opt, sched) -> float:
         """Clip, step, schedule, zero the gradients; return the pre-clipping gradient norm."""
         params = [p for p in module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if self.cfg.max_grad_norm > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
-        else:
-            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.max_grad_norm, norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor norm of sharded gradients, reduced over ranks here
+            norm = norm.full_tensor()
+        norm = float(norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -196,17 +226,44 @@ class Run:
         return summary
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
+    def full_states(self, lm, opt=None):
+        """``(weights, optimizer_state)`` to checkpoint. Without FSDP: ``(None, opt.state_dict())`` (the model
+        saves its own parameters). Under FSDP2 (a collective: every rank calls it): the LM's full state dict and
+        the optimizer's full state dict (keyed by parameter name), gathered to CPU on rank 0."""
+        if not self.fsdp:
+            return None, None if opt is None else opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(lm, options=full)
+        first: dict[int, str] = {}  # tied parameters (embedding and LM head) share one gathered tensor again,
+        for name, p in lm.named_parameters(remove_duplicate=False):  # so save_pretrained drops the duplicate
+            alias = first.setdefault(id(p), name)
+            if alias != name and alias in weights:
+                weights[name] = weights[alias]
+        return weights, None if opt is None else get_optimizer_state_dict(self.wrapped, opt, options=full)
+
     def save(self, step: int, lm, tokenizer, opt, sched, consumed: int, extra_state=None, extra_models=None):
+        weights, optim = self.full_states(lm, opt)
         if not self.main:
             return None
-        state = {"step": step, "consumed": consumed, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "rng": checkpoint.rng_state(), "history": self.history, **(extra_state or {})}
-        return checkpoint.save(self.out, step, lm, tokenizer, state, extra_models)
+        state = {"step": step, "consumed": consumed, "optimizer": optim, "scheduler": sched.state_dict(),
+                 "distributed": "fsdp" if self.fsdp else "ddp", "rng": checkpoint.rng_state(),
+                 "history": self.history, **(extra_state or {})}
+        return checkpoint.save(self.out, step, lm, tokenizer, state, extra_models, weights=weights)
 
     def save_final(self, lm, tokenizer, extra=None) -> Path:
         final = self.out / "final"
+        weights, _ = self.full_states(lm)
         if self.main:
-            lm.save_pretrained(str(final), safe_serialization=True)
+            if weights is None:
+                save_merged(lm, final)
+            else:
+                lm.save_pretrained(str(final), safe_serialization=True, state_dict=weights)
             tokenizer.save_pretrained(str(final))
             if extra is not None:
                 extra(final)
@@ -236,13 +293,35 @@ class Run:
                 f.writelines(json.dumps(r) + "\n" for r in self.history)
 
     def restore(self, state: dict, opt, sched) -> None:
-        opt.load_state_dict(state["optimizer"])
+        saved = state.get("distributed", "ddp")
+        mode = "fsdp" if self.fsdp else "ddp"
+        if saved != mode:
+            raise checkpoint.CheckpointError(
+                f"{self.command}: the checkpoint's optimizer state was saved {_MODES[saved]}; resume it "
+                f"{_MODES[saved]} (this run is {_MODES[mode]})")
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.wrapped, opt, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
 
     def every(self, k: int, step: int) -> bool:
         """True at steps that are multiples of ``k`` (``k = 0``: never) and at the last step."""
         return step == self.cfg.max_steps or (k > 0 and step % k == 0)
+
+
+def decoder_layers(lm) -> list:
+    """The decoder layers of a transformers model (the classes named in its ``_no_split_modules``)."""
+    blocks = set(getattr(lm, "_no_split_modules", None) or ())
+    layers = [m for m in lm.modules() if type(m).__name__ in blocks]
+    if not layers:
+        raise ValueError(f"distributed=fsdp: no decoder layers to shard in {type(lm).__name__}: expected modules "
+                         f"of the classes in its _no_split_modules, got {sorted(blocks)}; use distributed=ddp")
+    return layers
 
 
 def exact_match(lm, tokenizer, prompts, max_new_tokens: int) -> float:

@@ -60,7 +60,18 @@ class TrainConfig:
                 "measured 3x faster than 2 threads on a busy 2-core machine), else torch's default"})
     dtype: str = field(default="float32", metadata={"help": "dtype of the weights: float32, bfloat16, float64"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast on GPU (ignored on CPU)"})
+    distributed: str = field(default="ddp", metadata={
+        "help": "with torchrun (2+ processes): ddp (a full replica per rank) or fsdp (FSDP2 fully_shard: each "
+                "decoder layer, then the root with the embeddings and LM head; sft and dpo)"})
     gradient_checkpointing: bool = False
+    use_lora: bool = field(default=False, metadata={
+        "help": "train LoRA adapters (peft, the [lora] extra) instead of every weight; sft and dpo; final/ holds "
+                "the merged model and final/adapter the adapter"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (the update is alpha/r B A)"})
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={
+        "help": "module names that get adapters, comma separated; all-linear: every linear layer but the LM head"})
     resume: str = field(default="", metadata={"help": "'latest': the newest checkpoint in output_dir; or a "
                                               "checkpoint directory; '': start fresh"})
     report_to_tensorboard: bool = field(default=True, metadata={"help": "also log to TensorBoard when installed"})
@@ -174,7 +185,22 @@ def _validate(cfg, command: str) -> None:
               ("gradient_accumulation_steps", cfg.gradient_accumulation_steps >= 1, ">= 1"),
               ("learning_rate", cfg.learning_rate >= 0, ">= 0"), ("warmup_steps", cfg.warmup_steps >= 0, ">= 0"),
               ("truncation_mode", cfg.truncation_mode in ("keep_end", "keep_start"), "keep_end or keep_start"),
-              ("dtype", cfg.dtype in ("float32", "bfloat16", "float64"), "float32, bfloat16 or float64")]
+              ("dtype", cfg.dtype in ("float32", "bfloat16", "float64"), "float32, bfloat16 or float64"),
+              ("distributed", cfg.distributed in ("ddp", "fsdp"), "ddp or fsdp"),
+              ("distributed", not (isinstance(cfg, RMConfig) and cfg.distributed == "fsdp"),
+               "ddp for rm (FSDP2 is supported by sft and dpo)")]
+    if cfg.use_lora:
+        import importlib.util
+
+        checks += [("use_lora", importlib.util.find_spec("peft") is not None,
+                    "false: peft is not installed (pip install 'fastalign[lora]')"),
+                   ("use_lora", not isinstance(cfg, RMConfig), "false for rm (LoRA is supported by sft and dpo)"),
+                   ("use_lora", cfg.distributed != "fsdp", "false with distributed=fsdp (use ddp with LoRA)"),
+                   ("use_lora", not getattr(cfg, "sync_ref_model", False),
+                    "false with sync_ref_model (the moving reference mixes full weights)"),
+                   ("lora_r", cfg.lora_r >= 1, ">= 1"), ("lora_alpha", cfg.lora_alpha > 0, "> 0"),
+                   ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
+                   ("lora_target_modules", bool(cfg.lora_target_modules), "a comma-separated list of names")]
     if isinstance(cfg, DPOConfig):
         from fastalign.losses.dpo import LOSS_TYPES
 

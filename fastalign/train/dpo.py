@@ -22,8 +22,8 @@ from fastalign.train.data import BatchStream, collate_pref, encode_pref_row
 from fastalign.train.model import (
     EMBEDDED,
     SequenceLogps,
-    enable_checkpointing,
     load_model,
+    load_policy,
     load_tokenizer,
     model_fingerprint,
 )
@@ -92,9 +92,11 @@ def evaluate(policy, ref, held_out, held_out_ref, cfg: DPOConfig, run: Run, pad_
 
 @torch.no_grad()
 def mix_into(ref_lm, lm, alpha: float) -> None:
-    """``ref = alpha * policy + (1 - alpha) * ref``, parameter by parameter."""
+    """``ref = alpha * policy + (1 - alpha) * ref``, parameter by parameter (a sharded FSDP2 parameter is
+    gathered first: every rank calls this)."""
     for r, p in zip(ref_lm.parameters(), lm.parameters()):
-        r.lerp_(p.to(r.dtype), alpha)
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        r.lerp_(full.to(r.dtype), alpha)
 
 
 def sft_warm_start(cfg: DPOConfig, run: Run) -> str:
@@ -104,7 +106,7 @@ def sft_warm_start(cfg: DPOConfig, run: Run) -> str:
         run.say(f"dpo: reusing the SFT warm start in {out}")
         return str(out / "final")
     keep = ("max_length", "truncation_mode", "seed", "device", "bf16", "report_to_tensorboard", "plots",
-            "progress_bar", "skip_bad_rows", "max_new_tokens", "cpu_threads")
+            "progress_bar", "skip_bad_rows", "max_new_tokens", "cpu_threads", "distributed")
     sft_cfg = make_config(SFTConfig, {k: getattr(cfg, k) for k in keep}, "sft")
     sft_cfg = replace(sft_cfg, model=EMBEDDED, data=cfg.sft_data, max_steps=cfg.sft_warmup_steps,
                       output_dir=str(out), resume="latest" if cfg.resume else "",
@@ -131,9 +133,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     tok = load_tokenizer(cfg.tokenizer or start_model)
     train, held_out, prompts, skipped = setup_data(cfg, "pref", encode_pref_row, run, tok)
     resume_path, state = run.resume_point()
-    lm = load_model(str(resume_path) if resume_path else start_model, seed=cfg.seed, dtype=cfg.torch_dtype)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(lm)
+    lm = load_policy(start_model, cfg, resume_path)
     policy = run.wrap(SequenceLogps(lm))
 
     # the reference: none (reference-free types), precomputed log-probabilities, or a (moving) copy
@@ -162,7 +162,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
             bco.load_state_dict(state["bco"])
     else:
         if prompts:
-            before["exact_match"] = exact_match(lm, tok, prompts, cfg.max_new_tokens)
+            before["exact_match"] = exact_match(run.generator(lm), tok, prompts, cfg.max_new_tokens)
         if held_out:
             before.update(evaluate(policy, ref, held_out, held_out_ref, cfg, run, tok.pad_token_id))
         run.say(f"dpo: before training: {_brief(before)}")
@@ -208,7 +208,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     after = dict(run.history[-1]) if held_out and run.history else {}
     after.pop("step", None)
     if prompts:
-        after["exact_match"] = exact_match(lm, tok, prompts, cfg.max_new_tokens)
+        after["exact_match"] = exact_match(run.generator(lm), tok, prompts, cfg.max_new_tokens)
     for k in ("exact_match", "eval_rewards/accuracies", "eval_rewards/margins", "eval_loss"):
         if k in before:
             summary[f"{k} before"] = before[k]

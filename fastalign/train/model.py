@@ -46,6 +46,36 @@ def load_model(path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
     return model.to(dtype)
 
 
+def load_policy(path: str, cfg, resume=None):
+    """The model to train: ``load_model`` of ``resume`` (a checkpoint) or ``path``; with ``cfg.use_lora``, the
+    model at ``path`` with LoRA adapters (peft), new or those saved in ``resume``. Gradient checkpointing is
+    enabled when configured."""
+    lm = load_model(str(resume) if resume and not cfg.use_lora else path, seed=cfg.seed, dtype=cfg.torch_dtype)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(lm)
+    if not cfg.use_lora:
+        return lm
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if resume:
+        return PeftModel.from_pretrained(lm, str(resume), is_trainable=True)
+    targets = cfg.lora_target_modules
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+                      target_modules=targets[0] if targets == ["all-linear"] else targets)
+    with torch.random.fork_rng(devices=[]):  # the adapters' random init, the same for the same seed
+        torch.manual_seed(cfg.seed)
+        return get_peft_model(lm, lora)
+
+
+def save_merged(lm, directory) -> None:
+    """``save_pretrained`` of ``lm``; a LoRA (peft) model saves its adapter in ``directory/adapter`` and then the
+    model with the adapter merged into the weights (in place: ``lm`` keeps computing the same function)."""
+    if hasattr(lm, "merge_and_unload"):
+        lm.save_pretrained(str(Path(directory) / "adapter"))
+        lm = lm.merge_and_unload()
+    lm.save_pretrained(str(directory), safe_serialization=True)
+
+
 def enable_checkpointing(lm) -> None:
     """Recompute the decoder layers' activations in backward (transformers 5's name, else the older one)."""
     if hasattr(lm, "activation_checkpointing_enable"):
@@ -105,6 +135,11 @@ class SequenceLogps(nn.Module):
         bias = None if getattr(head, "bias", None) is None else head.bias.to(h.dtype)
         token_logps = linear_logprobs(h, weight, targets, bias, **self.head_options)
         return segment_sum(token_logps, cu), cu.diff()
+
+    def generate(self, **kwargs):
+        """``self.lm.generate(**kwargs)`` (under FSDP2 registered as a forward method, so the root's sharded
+        parameters are gathered around it)."""
+        return self.lm.generate(**kwargs)
 
 
 class RewardModel(nn.Module):

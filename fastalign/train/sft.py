@@ -16,7 +16,7 @@ from fastalign.train.data import (
     load_prompts,
     resolve_data,
 )
-from fastalign.train.model import SequenceLogps, enable_checkpointing, load_model, load_tokenizer
+from fastalign.train.model import SequenceLogps, load_policy, load_tokenizer
 
 
 def to_device(batch: dict, device) -> dict:
@@ -69,9 +69,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     encode = encode_sft_row if cfg.completion_only_loss else _full_sequence_loss
     train, held_out, prompts, skipped = setup_data(cfg, "sft", encode, run, tok)
     resume_path, state = run.resume_point()
-    lm = load_model(str(resume_path) if resume_path else cfg.model, seed=cfg.seed, dtype=cfg.torch_dtype)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(lm)
+    lm = load_policy(cfg.model, cfg, resume_path)
     policy = run.wrap(SequenceLogps(lm))
     opt, sched = run.optimizer(policy.parameters())
     stream = BatchStream(len(train), cfg.seed, rank=run.rank, world=run.world)
@@ -80,7 +78,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         run.restore(state, opt, sched)
         start, stream.consumed, before = state["step"], state["consumed"], state.get("exact_match_before")
     elif prompts:
-        before = exact_match(lm, tok, prompts, cfg.max_new_tokens)
+        before = exact_match(run.generator(lm), tok, prompts, cfg.max_new_tokens)
         run.say(f"sft: exact match of greedy generations before training: {before:.3f}")
 
     run.progress(start)
@@ -114,7 +112,8 @@ def train_sft(cfg: SFTConfig) -> dict:
     if held_out:
         summary["eval_loss"] = run.history[-1].get("eval_loss") if run.history else None
     if prompts:
-        summary.update(exact_match_before=before, exact_match_after=exact_match(lm, tok, prompts, cfg.max_new_tokens))
+        after = exact_match(run.generator(lm), tok, prompts, cfg.max_new_tokens)
+        summary.update(exact_match_before=before, exact_match_after=after)
     if skipped.rows:
         summary["skipped_rows"] = len(skipped.rows)
     return run.finish(summary, [["loss", "eval_loss"], ["grad_norm"], ["learning_rate"]])

@@ -2,6 +2,7 @@
 
 import json
 from itertools import islice
+from pathlib import Path
 
 from fastalign.train.model import ASSETS
 
@@ -30,3 +31,30 @@ def quick(tmp_path, data, kind: str, **over) -> dict:
         base["sft_warmup_steps"] = 0
     base.update(over)
     return base
+
+
+def torchrun(command: str, over: dict, cwd, env_extra: dict | None = None, nproc: int = 2):
+    """Run ``fastalign <command> key=value...`` under ``torchrun --nproc_per_node nproc`` (CPU, gloo) on a free
+    port; return the finished ``subprocess.CompletedProcess``."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           "-m", "fastalign.cli", command, *[f"{k}={v}" for k, v in over.items()]]
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def logged(run_dir, key: str):
+    """The float64 series of ``key`` in a run's metrics.jsonl."""
+    import torch
+
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return torch.tensor([r[key] for r in map(json.loads, f) if key in r], dtype=torch.float64)
