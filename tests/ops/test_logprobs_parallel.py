@@ -30,6 +30,11 @@ def _worker(rank, impl, inputs_path, init_path, out_dir):
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # Results are on disk and the group is closed: leave without the interpreter's teardown. Twice in about ten
+    # full-suite runs, a Triton-interpreter worker aborted in teardown ("terminate called without an active
+    # exception": a joinable C++ thread destroyed at exit) after writing correct results; that exit crash is
+    # not what this test checks, and an exception above still propagates to mp.spawn as a failure.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("impl", api.IMPLS)
