@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from fastalign.train import checkpoint
 from fastalign.train.config import to_dict
-from fastalign.train.model import greedy_complete, save_merged
+from fastalign.train.model import check_packing, greedy_complete, resolve_attention, save_merged
 
 _MODES = {"fsdp": "with distributed=fsdp under torchrun", "ddp": "on one process or with distributed=ddp"}
 
@@ -49,6 +49,7 @@ class Run:
             torch.set_num_threads(threads)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        self.attn = resolve_attention(cfg.attn_implementation, self.device)  # what models are loaded with
         self.main = self.rank == 0
         self.out = Path(cfg.output_dir)
         self.history: list[dict] = []
@@ -71,6 +72,11 @@ class Run:
     def fsdp(self) -> bool:
         """True when the model is sharded with FSDP2 (``distributed=fsdp`` under torchrun with 2+ processes)."""
         return self.world > 1 and self.cfg.distributed == "fsdp"
+
+    def check_packing(self, lm) -> None:
+        """With ``packing``, check on this device that ``lm`` keeps packed sequences apart (moves ``lm`` there)."""
+        if self.cfg.packing:
+            check_packing(lm.to(self.device), self.device, self.autocast())
 
     def wrap(self, module):
         """Move to the device; across ranks (torchrun) wrap with DDP, or shard with FSDP2 (``distributed=fsdp``).

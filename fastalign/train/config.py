@@ -14,6 +14,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be applied (unknown key, wrong type, bad value)."""
@@ -39,6 +41,13 @@ class TrainConfig:
     max_length: int = field(default=64, metadata={"help": "max tokens per sequence (prompt + completion)"})
     truncation_mode: str = field(default="keep_end", metadata={
         "help": "keep_end: drop tokens from the start of the prompt; keep_start: drop them from the end"})
+    packing: bool = field(default=False, metadata={
+        "help": "padding-free batches: each micro-batch's sequences concatenated into one row, position ids "
+                "restarting at 0 per sequence, no pad token computed; attention stays inside each sequence "
+                "(flash-attn varlen with flash_attention_2, a block-diagonal mask with sdpa/eager; checked at start)"})
+    attn_implementation: str = field(default="auto", metadata={
+        "help": "auto: flash_attention_2 when flash-attn is installed (the [flash] extra) and the device is CUDA, "
+                "else sdpa; or sdpa, eager, flash_attention_2"})
     skip_bad_rows: bool = field(default=False, metadata={
         "help": "skip malformed rows (each one counted and reported) instead of stopping at the first"})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "sequences (pairs) per micro-batch"})
@@ -187,8 +196,17 @@ def _validate(cfg, command: str) -> None:
               ("truncation_mode", cfg.truncation_mode in ("keep_end", "keep_start"), "keep_end or keep_start"),
               ("dtype", cfg.dtype in ("float32", "bfloat16", "float64"), "float32, bfloat16 or float64"),
               ("distributed", cfg.distributed in ("ddp", "fsdp"), "ddp or fsdp"),
+              ("attn_implementation", cfg.attn_implementation in ATTENTION, ", ".join(ATTENTION)),
               ("distributed", not (isinstance(cfg, RMConfig) and cfg.distributed == "fsdp"),
                "ddp for rm (FSDP2 is supported by sft and dpo)")]
+    if cfg.attn_implementation == "flash_attention_2":
+        from fastalign.train.model import flash_attn_installed
+
+        checks.append(("attn_implementation", flash_attn_installed(),
+                       "auto, sdpa or eager: flash-attn is not installed (pip install 'fastalign[flash]')"))
+    if cfg.packing:
+        checks.append(("packing", _transformers_at_least("4.54"), "false: packing needs transformers >= 4.54 "
+                       "(position ids -> per-sequence attention)"))
     if cfg.use_lora:
         import importlib.util
 
@@ -218,6 +236,13 @@ def _validate(cfg, command: str) -> None:
             raise ConfigError(f"{command}: {name} must be {expected}; got {getattr(cfg, name)!r}")
     if not cfg.output_dir:
         cfg.output_dir = f"runs/{command}"
+
+
+def _transformers_at_least(version: str) -> bool:
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) >= Version(version)
 
 
 def make_config(cls, overrides: dict | None = None, command: str = "train"):

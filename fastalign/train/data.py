@@ -217,17 +217,60 @@ def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     return out
 
 
-def collate_sft(examples, pad_id: int) -> dict:
-    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]``."""
+def collate_sft(examples, pad_id: int, packing: bool = False) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]``; with ``packing``, one padding-free
+    row (:func:`pack`)."""
     ids = [e[0] for e in examples]
+    if packing:
+        return pack(ids, [e[1] for e in examples])
     return {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(s) for s in ids], 0),
             "labels": pad([e[1] for e in examples], -100)}
 
 
-def collate_pref(examples, pad_id: int) -> dict:
-    """The chosen sequences stacked over the rejected ones: ``[2B, T]`` (rows ``[:B]`` chosen, ``[B:]`` rejected)."""
+def collate_pref(examples, pad_id: int, packing: bool = False) -> dict:
+    """The chosen sequences stacked over the rejected ones: ``[2B, T]`` (rows ``[:B]`` chosen, ``[B:]`` rejected);
+    with ``packing``, one padding-free row holding the B chosen sequences, then the B rejected ones."""
     rows = [(e[0], e[1]) for e in examples] + [(e[2], e[3]) for e in examples]
-    return collate_sft(rows, pad_id)
+    return collate_sft(rows, pad_id, packing)
+
+
+def pack(ids: list[list[int]], labels: list[list[int]]) -> dict:
+    """A padding-free batch: the sequences concatenated into one row, no pad token.
+
+    Returns ``input_ids``, ``labels`` and ``position_ids`` ``[1, L]`` (``L`` the total token count; positions
+    restart at 0 for each sequence, which is how the model keeps attention inside each sequence), the token
+    boundaries ``cu_seqlens`` ``[S + 1]`` int32 and ``max_seqlen`` (an int: the flash-attn varlen kernel's bound).
+    Each sequence's first label is -100: it would otherwise be scored as the next token of the sequence before
+    it (a padded batch never scores position 0 either).
+
+    Example:
+        >>> pack([[5, 6, 7], [8, 9]], [[-100, 6, 7], [-100, 9]])["position_ids"]
+        tensor([[0, 1, 2, 0, 1]])
+    """
+    flat_ids, flat_labels, positions, cu = [], [], [], [0]
+    for s, lab in zip(ids, labels):
+        flat_ids += s
+        flat_labels += [-100] + list(lab[1:])
+        positions += range(len(s))
+        cu.append(cu[-1] + len(s))
+    return {"input_ids": torch.tensor([flat_ids], dtype=torch.long),
+            "labels": torch.tensor([flat_labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "cu_seqlens": torch.tensor(cu, dtype=torch.int32), "max_seqlen": max(len(s) for s in ids)}
+
+
+@dataclass(frozen=True)
+class Batcher:
+    """Examples -> model inputs: right-padded rows, or with ``packing`` one padding-free row (:func:`pack`)."""
+
+    pad_id: int
+    packing: bool = False
+
+    def sft(self, examples) -> dict:
+        return collate_sft(examples, self.pad_id, self.packing)
+
+    def pref(self, examples) -> dict:
+        return collate_pref(examples, self.pad_id, self.packing)
 
 
 class BatchStream:

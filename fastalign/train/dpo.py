@@ -18,7 +18,7 @@ import torch
 from fastalign.losses.dpo import REFERENCE_FREE, BCORunningMean, dpo_loss
 from fastalign.train.common import Run, exact_match
 from fastalign.train.config import DPOConfig, SFTConfig, make_config
-from fastalign.train.data import BatchStream, collate_pref, encode_pref_row
+from fastalign.train.data import Batcher, BatchStream, encode_pref_row
 from fastalign.train.model import (
     EMBEDDED,
     SequenceLogps,
@@ -52,16 +52,16 @@ def dpo_batch_loss(policy, batch: dict, ref_logps, cfg: DPOConfig, run: Run, bco
 
 
 @torch.no_grad()
-def score_pairs(module, examples, run: Run, batch_size: int, pad_id: int) -> torch.Tensor:
+def score_pairs(module, examples, run: Run, batch_size: int, batcher: Batcher) -> torch.Tensor:
     """``[n, 2]`` float32 (chosen, rejected) sequence log-probabilities of ``examples`` under ``module``."""
     out = []
     for i in range(0, len(examples), batch_size):
-        pc, pr, _, _ = pair_logps(module, collate_pref(examples[i:i + batch_size], pad_id), run)
+        pc, pr, _, _ = pair_logps(module, batcher.pref(examples[i:i + batch_size]), run)
         out.append(torch.stack([pc, pr], 1).float().cpu())
     return torch.cat(out)
 
 
-def cached_ref_logps(ref_lm, examples, run: Run, pad_id: int, cache_dir: Path) -> torch.Tensor:
+def cached_ref_logps(ref_lm, examples, run: Run, batcher: Batcher, cache_dir: Path) -> torch.Tensor:
     """Reference log-probabilities of every pair, computed once and cached under a key of model and data."""
     h = hashlib.sha256(model_fingerprint(ref_lm).encode())
     for e in examples:
@@ -69,7 +69,7 @@ def cached_ref_logps(ref_lm, examples, run: Run, pad_id: int, cache_dir: Path) -
     path = cache_dir / f"ref_logps-{h.hexdigest()[:20]}.pt"
     if path.exists():
         return torch.load(path)
-    scores = score_pairs(SequenceLogps(ref_lm).to(run.device), examples, run, 64, pad_id)
+    scores = score_pairs(SequenceLogps(ref_lm).to(run.device), examples, run, 64, batcher)
     if run.main:
         cache_dir.mkdir(parents=True, exist_ok=True)
         torch.save(scores, path.with_suffix(".tmp"))
@@ -78,12 +78,12 @@ def cached_ref_logps(ref_lm, examples, run: Run, pad_id: int, cache_dir: Path) -
 
 
 @torch.no_grad()
-def evaluate(policy, ref, held_out, held_out_ref, cfg: DPOConfig, run: Run, pad_id: int) -> dict:
+def evaluate(policy, ref, held_out, held_out_ref, cfg: DPOConfig, run: Run, batcher: Batcher) -> dict:
     """Loss and metrics over the whole held-out set, prefixed ``eval_`` (TRL's names)."""
-    pol = score_pairs(policy, held_out, run, 64, pad_id)
+    pol = score_pairs(policy, held_out, run, 64, batcher)
     lengths = torch.tensor([[sum(t != -100 for t in e[1][1:]), sum(t != -100 for t in e[3][1:])] for e in held_out])
     if held_out_ref is None and ref is not None:
-        held_out_ref = score_pairs(ref, held_out, run, 64, pad_id)
+        held_out_ref = score_pairs(ref, held_out, run, 64, batcher)
     rc, rr = (None, None) if held_out_ref is None else (held_out_ref[:, 0], held_out_ref[:, 1])
     loss, metrics = dpo_loss(pol[:, 0], pol[:, 1], rc, rr, chosen_lengths=lengths[:, 0],
                              rejected_lengths=lengths[:, 1], **loss_options(cfg))
@@ -106,7 +106,8 @@ def sft_warm_start(cfg: DPOConfig, run: Run) -> str:
         run.say(f"dpo: reusing the SFT warm start in {out}")
         return str(out / "final")
     keep = ("max_length", "truncation_mode", "seed", "device", "bf16", "report_to_tensorboard", "plots",
-            "progress_bar", "skip_bad_rows", "max_new_tokens", "cpu_threads", "distributed")
+            "progress_bar", "skip_bad_rows", "max_new_tokens", "cpu_threads", "distributed", "packing",
+            "attn_implementation")
     sft_cfg = make_config(SFTConfig, {k: getattr(cfg, k) for k in keep}, "sft")
     sft_cfg = replace(sft_cfg, model=EMBEDDED, data=cfg.sft_data, max_steps=cfg.sft_warmup_steps,
                       output_dir=str(out), resume="latest" if cfg.resume else "",
@@ -133,20 +134,22 @@ def train_dpo(cfg: DPOConfig) -> dict:
     tok = load_tokenizer(cfg.tokenizer or start_model)
     train, held_out, prompts, skipped = setup_data(cfg, "pref", encode_pref_row, run, tok)
     resume_path, state = run.resume_point()
-    lm = load_policy(start_model, cfg, resume_path)
+    lm = load_policy(start_model, cfg, resume_path, run.attn)
+    run.check_packing(lm)
     policy = run.wrap(SequenceLogps(lm))
+    batcher = Batcher(tok.pad_token_id, cfg.packing)
 
     # the reference: none (reference-free types), precomputed log-probabilities, or a (moving) copy
     ref_lm = ref = train_ref = held_out_ref = None
     if not all(t in REFERENCE_FREE for t in cfg.loss_type):
         moving = cfg.sync_ref_model and resume_path is not None
         ref_lm = load_model(str(resume_path / "ref") if moving else start_model, seed=cfg.seed,
-                            dtype=cfg.torch_dtype).eval()
+                            dtype=cfg.torch_dtype, attn_implementation=run.attn).eval()
         ref_lm.requires_grad_(False)
         if cfg.precompute_ref_log_probs:
             cache = Path(cfg.output_dir) / "cache"
-            train_ref = cached_ref_logps(ref_lm, train, run, tok.pad_token_id, cache)
-            held_out_ref = cached_ref_logps(ref_lm, held_out, run, tok.pad_token_id, cache) if held_out else None
+            train_ref = cached_ref_logps(ref_lm, train, run, batcher, cache)
+            held_out_ref = cached_ref_logps(ref_lm, held_out, run, batcher, cache) if held_out else None
             ref_lm = None
         else:
             ref = SequenceLogps(ref_lm).to(run.device)
@@ -164,7 +167,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
         if prompts:
             before["exact_match"] = exact_match(run.generator(lm), tok, prompts, cfg.max_new_tokens)
         if held_out:
-            before.update(evaluate(policy, ref, held_out, held_out_ref, cfg, run, tok.pad_token_id))
+            before.update(evaluate(policy, ref, held_out, held_out_ref, cfg, run, batcher))
         run.say(f"dpo: before training: {_brief(before)}")
         run.log(0, {k: v for k, v in before.items() if k.startswith("eval_")})
 
@@ -174,7 +177,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
         sums: dict[str, float] = {}
         for _ in range(accum):
             idx = stream.next(cfg.per_device_train_batch_size)
-            batch = collate_pref([train[i] for i in idx], tok.pad_token_id)
+            batch = batcher.pref([train[i] for i in idx])
             if train_ref is not None:
                 ref_logps = (train_ref[idx, 0], train_ref[idx, 1])
             elif ref is not None:
@@ -196,7 +199,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
             run.log(done, {**metrics, "grad_norm": grad_norm, "learning_rate": sched.get_last_lr()[0],
                            "epoch": stream.epoch}, show=("loss", "rewards/accuracies", "rewards/margins"))
         if held_out and run.every(cfg.eval_steps, done):
-            run.log(done, evaluate(policy, ref, held_out, held_out_ref, cfg, run, tok.pad_token_id),
+            run.log(done, evaluate(policy, ref, held_out, held_out_ref, cfg, run, batcher),
                     show=("eval_rewards/accuracies",))
         if run.every(cfg.save_steps, done):
             moving = {"ref": ref_lm} if ref_lm is not None and cfg.sync_ref_model else None

@@ -32,25 +32,47 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_model(path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
+def flash_attn_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    """The ``attn_implementation`` to load models with: ``auto`` is ``flash_attention_2`` when flash-attn is
+    installed (the ``[flash]`` extra) and the device is CUDA, else ``sdpa`` (PyTorch's
+    scaled_dot_product_attention)."""
+    if name == "auto":
+        return "flash_attention_2" if device.type == "cuda" and flash_attn_installed() else "sdpa"
+    if name == "flash_attention_2" and device.type != "cuda":
+        from fastalign.train.config import ConfigError
+
+        raise ConfigError(f"attn_implementation must be auto, sdpa or eager on device {device}; got "
+                          f"flash_attention_2 (flash-attn runs on CUDA only)")
+    return name
+
+
+def load_model(path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
     """The causal LM at ``path``; ``"embedded"`` builds the tiny Llama of fastalign/assets/ with a random init
-    drawn from ``seed`` (the same weights for the same seed, whatever the global RNG state)."""
+    drawn from ``seed`` (the same weights for the same seed, whatever the global RNG state). ``attn_implementation``
+    is transformers' (``sdpa``, ``eager``, ``flash_attention_2``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if path != EMBEDDED:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     config = AutoConfig.from_pretrained(str(ASSETS / "model"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     return model.to(dtype)
 
 
-def load_policy(path: str, cfg, resume=None):
+def load_policy(path: str, cfg, resume=None, attn_implementation: str = "sdpa"):
     """The model to train: ``load_model`` of ``resume`` (a checkpoint) or ``path``; with ``cfg.use_lora``, the
     model at ``path`` with LoRA adapters (peft), new or those saved in ``resume``. Gradient checkpointing is
     enabled when configured."""
-    lm = load_model(str(resume) if resume and not cfg.use_lora else path, seed=cfg.seed, dtype=cfg.torch_dtype)
+    lm = load_model(str(resume) if resume and not cfg.use_lora else path, seed=cfg.seed, dtype=cfg.torch_dtype,
+                    attn_implementation=attn_implementation)
     if cfg.gradient_checkpointing:
         enable_checkpointing(lm)
     if not cfg.use_lora:
@@ -91,30 +113,90 @@ def lm_head_options(config) -> dict:
     return {"softcap": float(softcap) if softcap else None, "logit_scale": float(scale) if scale else 1.0}
 
 
-def final_hidden(lm, input_ids, attention_mask):
-    """The decoder's last hidden states ``[B, T, D]`` (``lm.get_decoder()``: the model without its LM head)."""
-    return lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+def final_hidden(lm, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, max_seqlen=None):
+    """The decoder's last hidden states ``[B, T, D]`` (``lm.get_decoder()``: the model without its LM head).
+
+    A padded batch gives ``attention_mask``; a packed one (:func:`fastalign.train.data.pack`) gives
+    ``position_ids`` restarting at 0 per sequence, from which transformers keeps attention inside each sequence
+    (a block-diagonal causal mask for SDPA/eager); flash-attn also gets the boundaries (``cu_seqlens``,
+    ``max_seqlen``) for its varlen kernel, so it needs no mask and no host synchronization to find them.
+    """
+    kwargs = {}
+    if cu_seqlens is not None:
+        kwargs["position_ids"] = position_ids
+        if "flash" in str(getattr(lm.config, "_attn_implementation", "")):
+            kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
+                          max_length_k=max_seqlen)
+    return lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                            **kwargs).last_hidden_state
 
 
-def packed_targets(labels):
-    """Select the scored positions: ``(mask [B, T-1], targets [N], cu_seqlens [B+1])`` for next-token labels.
+def packed_targets(labels, cu_seqlens=None):
+    """Select the scored positions: ``(mask [B, T-1], targets [N], cu [S+1])`` for next-token labels; ``cu`` are
+    the per-sequence boundaries of the ``N`` scored targets.
 
-    Position ``t`` predicts ``labels[:, t + 1]``; positions whose label is -100 are not scored.
+    Position ``t`` predicts ``labels[:, t + 1]``; positions whose label is -100 are not scored. Padded labels
+    ``[B, T]`` hold one sequence per row (``S = B``); packed labels ``[1, L]`` hold ``S`` sequences delimited by
+    the token boundaries ``cu_seqlens`` ``[S + 1]``.
     """
     targets = labels[:, 1:]
     mask = targets != -100
-    counts = mask.sum(1)
-    cu = torch.zeros(labels.shape[0] + 1, dtype=torch.int64, device=labels.device)
+    if cu_seqlens is None:
+        counts = mask.sum(1)
+    else:  # the sequence of each target position 1..L-1, counted over the scored ones (no host sync)
+        pos = torch.arange(1, labels.shape[1], device=labels.device)
+        seq = torch.searchsorted(cu_seqlens[1:].to(torch.int64), pos, right=True)
+        counts = torch.zeros(cu_seqlens.shape[0] - 1, dtype=torch.int64, device=labels.device)
+        counts.index_add_(0, seq[mask[0]], torch.ones_like(seq[mask[0]]))
+    cu = torch.zeros(counts.shape[0] + 1, dtype=torch.int64, device=labels.device)
     cu[1:] = counts.cumsum(0)
     return mask, targets[mask], cu
 
 
+@torch.no_grad()
+def check_packing(lm, device, autocast) -> None:
+    """Raise when ``lm`` does not keep packed sequences apart.
+
+    Packing relies on the model turning restarting ``position_ids`` into a block-diagonal mask (transformers'
+    masking utilities, >= 4.54) or into flash-attn varlen boundaries. A model that ignores them would let each
+    packed sequence attend to the ones before it in the row, silently. This runs two short random sequences
+    packed and alone, and compares the second one's hidden states.
+    """
+    from fastalign.train.data import pack
+
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(lm.config.vocab_size, (n,), generator=g).tolist() for n in (7, 5))
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in pack([a, b], [a, b]).items()}
+    alone_ids = torch.tensor([b], device=device)
+    was_training = lm.training
+    lm.eval()
+    try:
+        with autocast:
+            low_precision = torch.is_autocast_enabled(torch.device(device).type) or lm.dtype != torch.float32
+            packed = final_hidden(lm, batch["input_ids"], None, batch["position_ids"], batch["cu_seqlens"],
+                                  batch["max_seqlen"])[0, len(a):].float()
+            alone = final_hidden(lm, alone_ids, torch.ones_like(alone_ids))[0].float()
+    finally:
+        lm.train(was_training)
+    err, scale = float((packed - alone).abs().max()), float(alone.abs().max())
+    tol = 5e-2 if low_precision else 1e-3  # a leak across sequences changes the hidden states by O(scale)
+    if not err <= tol * max(scale, 1.0):
+        raise RuntimeError(
+            f"packing=true needs a model whose attention keeps packed sequences apart: "
+            f"{type(lm).__name__} with attn_implementation={getattr(lm.config, '_attn_implementation', '?')} "
+            f"gives a packed sequence other hidden states than the same sequence alone (max abs difference "
+            f"{err:.3g}, scale {scale:.3g}). Use packing=false, or a transformers >= 4.54 model built on its "
+            f"masking utilities, or attn_implementation=flash_attention_2.")
+
+
 class SequenceLogps(nn.Module):
-    """Wrap a causal LM: ``forward(input_ids, attention_mask, labels) -> (logps [B], n_tokens [B])``.
+    """Wrap a causal LM: ``forward(input_ids, attention_mask, labels) -> (logps [S], n_tokens [S])``.
 
     Same as ``log_softmax(lm(input_ids).logits[:, :-1]).gather(-1, labels[:, 1:]).masked_sum(-1)``, counting
     only labels != -100, without the logits. Wrapping the whole computation in one module lets DDP/FSDP hook
-    its forward.
+    its forward. A padded batch has one sequence per row (``S = B``); a packed one
+    (:func:`fastalign.train.data.pack`: ``input_ids``/``labels``/``position_ids`` ``[1, L]``, ``cu_seqlens``,
+    ``max_seqlen``) has ``S = len(cu_seqlens) - 1`` sequences in one row, and gives the same values.
 
     Example:
         >>> policy = SequenceLogps(load_model("embedded"))
@@ -126,9 +208,10 @@ class SequenceLogps(nn.Module):
         self.lm = lm
         self.head_options = lm_head_options(lm.config)
 
-    def forward(self, input_ids, attention_mask, labels):
-        hidden = final_hidden(self.lm, input_ids, attention_mask)
-        mask, targets, cu = packed_targets(labels)
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, cu_seqlens=None,
+                max_seqlen=None):
+        hidden = final_hidden(self.lm, input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen)
+        mask, targets, cu = packed_targets(labels, cu_seqlens)
         head = self.lm.get_output_embeddings()
         h = hidden[:, :-1][mask]
         weight = head.weight.to(h.dtype)
@@ -145,8 +228,9 @@ class SequenceLogps(nn.Module):
 class RewardModel(nn.Module):
     """A causal LM's decoder plus a scalar value head read at each sequence's last real token.
 
-    ``forward(input_ids, attention_mask) -> scores [B]`` (float32). The head is saved beside the model as
-    ``value_head.safetensors`` (:func:`save_value_head` / :func:`load_value_head`).
+    ``forward(input_ids, attention_mask) -> scores [B]`` (float32), or for a packed batch
+    ``forward(input_ids, position_ids=..., cu_seqlens=..., max_seqlen=...) -> scores [S]``. The head is saved
+    beside the model as ``value_head.safetensors`` (:func:`save_value_head` / :func:`load_value_head`).
     """
 
     def __init__(self, lm, value_head: nn.Linear | None = None):
@@ -157,10 +241,13 @@ class RewardModel(nn.Module):
             nn.init.normal_(self.value_head.weight, std=1.0 / (lm.config.hidden_size + 1) ** 0.5)
             nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask):
-        hidden = final_hidden(self.lm, input_ids, attention_mask)
-        last = attention_mask.long().cumsum(1).argmax(1)  # index of the last real token (right padding)
-        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, max_seqlen=None):
+        hidden = final_hidden(self.lm, input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen)
+        if cu_seqlens is None:
+            last = attention_mask.long().cumsum(1).argmax(1)  # index of the last real token (right padding)
+            h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        else:  # packed: each sequence's last token in the one row
+            h = hidden[0, cu_seqlens[1:].to(torch.int64) - 1]
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
 

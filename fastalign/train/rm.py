@@ -7,7 +7,7 @@ import torch
 from fastalign.losses.reward import reward_model_loss
 from fastalign.train.common import Run
 from fastalign.train.config import RMConfig
-from fastalign.train.data import BatchStream, collate_pref, encode_pref_row
+from fastalign.train.data import Batcher, BatchStream, encode_pref_row
 from fastalign.train.model import (
     RewardModel,
     enable_checkpointing,
@@ -16,22 +16,22 @@ from fastalign.train.model import (
     load_value_head,
     save_value_head,
 )
-from fastalign.train.sft import setup_data
+from fastalign.train.sft import setup_data, to_device
 
 
 def pair_rewards(rm, batch: dict, run: Run):
     """``(chosen_rewards, rejected_rewards)`` ``[B]`` of a ``[2B, T]`` preference batch."""
     with run.autocast():
-        scores = rm(batch["input_ids"].to(run.device), batch["attention_mask"].to(run.device))
+        scores = rm(**to_device({k: v for k, v in batch.items() if k != "labels"}, run.device))
     B = scores.shape[0] // 2
     return scores[:B], scores[B:]
 
 
 @torch.no_grad()
-def evaluate(rm, held_out, cfg: RMConfig, run: Run, pad_id: int) -> dict:
+def evaluate(rm, held_out, cfg: RMConfig, run: Run, batcher: Batcher) -> dict:
     rc, rr = [], []
     for i in range(0, len(held_out), 64):
-        c, r = pair_rewards(rm, collate_pref(held_out[i:i + 64], pad_id), run)
+        c, r = pair_rewards(rm, batcher.pref(held_out[i:i + 64]), run)
         rc.append(c)
         rr.append(r)
     loss, metrics = reward_model_loss(torch.cat(rc), torch.cat(rr),
@@ -54,7 +54,9 @@ def train_rm(cfg: RMConfig) -> dict:
     train, held_out, _, skipped = setup_data(cfg, "pref", encode_pref_row, run, tok)
     resume_path, state = run.resume_point()
     source = str(resume_path) if resume_path else cfg.model
-    lm = load_model(source, seed=cfg.seed, dtype=cfg.torch_dtype)
+    lm = load_model(source, seed=cfg.seed, dtype=cfg.torch_dtype, attn_implementation=run.attn)
+    run.check_packing(lm)
+    batcher = Batcher(tok.pad_token_id, cfg.packing)
     if cfg.gradient_checkpointing:
         enable_checkpointing(lm)
     with torch.random.fork_rng(devices=[]):
@@ -68,7 +70,7 @@ def train_rm(cfg: RMConfig) -> dict:
     if state is not None:
         run.restore(state, opt, sched)
         start, stream.consumed = state["step"], state["consumed"]
-    before = evaluate(rm, held_out, cfg, run, tok.pad_token_id) if held_out and state is None else {}
+    before = evaluate(rm, held_out, cfg, run, batcher) if held_out and state is None else {}
     if before:
         run.log(0, before)
 
@@ -77,7 +79,7 @@ def train_rm(cfg: RMConfig) -> dict:
         accum = cfg.gradient_accumulation_steps
         sums: dict[str, float] = {}
         for _ in range(accum):
-            batch = collate_pref([train[i] for i in stream.next(cfg.per_device_train_batch_size)], tok.pad_token_id)
+            batch = batcher.pref([train[i] for i in stream.next(cfg.per_device_train_batch_size)])
             loss, metrics = reward_model_loss(*pair_rewards(rm, batch, run),
                                               center_rewards_coefficient=cfg.center_rewards_coefficient or None)
             run.check_finite(loss, step)
@@ -91,7 +93,7 @@ def train_rm(cfg: RMConfig) -> dict:
             run.log(done, {**metrics, "grad_norm": grad_norm, "learning_rate": sched.get_last_lr()[0],
                            "epoch": stream.epoch}, show=("loss", "accuracy"))
         if held_out and run.every(cfg.eval_steps, done):
-            run.log(done, evaluate(rm, held_out, cfg, run, tok.pad_token_id), show=("eval_accuracy",))
+            run.log(done, evaluate(rm, held_out, cfg, run, batcher), show=("eval_accuracy",))
         if run.every(cfg.save_steps, done):
             run.save(done, lm, tok, opt, sched, stream.consumed,
                      extra_models={"value_head": lambda d: save_value_head(module.value_head, d)})
@@ -100,7 +102,7 @@ def train_rm(cfg: RMConfig) -> dict:
     final = run.save_final(lm, tok, lambda d: save_value_head(module.value_head, d))
     summary = {"steps": cfg.max_steps, "final_model": str(final)}
     if held_out:
-        after = evaluate(rm, held_out, cfg, run, tok.pad_token_id)
+        after = evaluate(rm, held_out, cfg, run, batcher)
         summary.update({"eval_accuracy before": before.get("eval_accuracy"),
                         "eval_accuracy after": after["eval_accuracy"], "eval_loss after": after["eval_loss"]})
     if skipped.rows:

@@ -7,10 +7,10 @@ import torch
 from fastalign.train.common import Run, exact_match
 from fastalign.train.config import SFTConfig
 from fastalign.train.data import (
+    Batcher,
     BatchStream,
     Encoder,
     Skipped,
-    collate_sft,
     encode_sft_row,
     load_examples,
     load_prompts,
@@ -20,7 +20,7 @@ from fastalign.train.model import SequenceLogps, load_policy, load_tokenizer
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def count_targets(batch: dict) -> int:
@@ -43,11 +43,11 @@ def setup_data(cfg, kind: str, encode_row, run: Run, tok):
 
 
 @torch.no_grad()
-def sft_eval_loss(policy, examples, run: Run, batch_size: int, pad_id: int) -> float:
+def sft_eval_loss(policy, examples, run: Run, batch_size: int, batcher: Batcher) -> float:
     """Mean NLL per completion token over ``examples``."""
     total = tokens = 0.0
     for i in range(0, len(examples), batch_size):
-        batch = collate_sft(examples[i:i + batch_size], pad_id)
+        batch = batcher.sft(examples[i:i + batch_size])
         with run.autocast():
             logps, n = policy(**to_device(batch, run.device))
         total, tokens = total - float(logps.sum()), tokens + float(n.sum())
@@ -69,8 +69,10 @@ def train_sft(cfg: SFTConfig) -> dict:
     encode = encode_sft_row if cfg.completion_only_loss else _full_sequence_loss
     train, held_out, prompts, skipped = setup_data(cfg, "sft", encode, run, tok)
     resume_path, state = run.resume_point()
-    lm = load_policy(cfg.model, cfg, resume_path)
+    lm = load_policy(cfg.model, cfg, resume_path, run.attn)
+    run.check_packing(lm)
     policy = run.wrap(SequenceLogps(lm))
+    batcher = Batcher(tok.pad_token_id, cfg.packing)
     opt, sched = run.optimizer(policy.parameters())
     stream = BatchStream(len(train), cfg.seed, rank=run.rank, world=run.world)
     start, before = 0, None
@@ -83,7 +85,7 @@ def train_sft(cfg: SFTConfig) -> dict:
 
     run.progress(start)
     for step in range(start, cfg.max_steps):
-        micro = [collate_sft([train[i] for i in stream.next(cfg.per_device_train_batch_size)], tok.pad_token_id)
+        micro = [batcher.sft([train[i] for i in stream.next(cfg.per_device_train_batch_size)])
                  for _ in range(cfg.gradient_accumulation_steps)]
         # the token-mean over the whole accumulation cycle and all ranks: each micro-batch adds its token sum
         (n_tokens,) = run.sum_all(sum(count_targets(mb) for mb in micro))
@@ -102,7 +104,7 @@ def train_sft(cfg: SFTConfig) -> dict:
             run.log(done, {"loss": loss_all, "grad_norm": grad_norm, "learning_rate": sched.get_last_lr()[0],
                            "num_tokens": n_tokens, "epoch": stream.epoch}, show=("loss",))
         if held_out and run.every(cfg.eval_steps, done):
-            run.log(done, {"eval_loss": sft_eval_loss(policy, held_out, run, 256, tok.pad_token_id)},
+            run.log(done, {"eval_loss": sft_eval_loss(policy, held_out, run, 256, batcher)},
                     show=("eval_loss",))
         if run.every(cfg.save_steps, done):
             run.save(done, lm, tok, opt, sched, stream.consumed, {"exact_match_before": before})
