@@ -68,7 +68,8 @@ def _prepare(rewards, values, mask, cu_seqlens, bootstrap, gamma, lam, impl, op)
         if mask is not None:
             raise ValueError("mask must be None with cu_seqlens (packed tokens are all valid); got a tensor")
         # Under torch.compile the offsets' values are not read here (a data-dependent branch cannot be traced):
-        # the ops check CPU offsets themselves, and the torch impl, which has no op, checks them below.
+        # a meta copy gets only the static checks; the ops check CPU offsets themselves, and the torch impl (no op)
+        # checks them below.
         tracing = torch.compiler.is_compiling()
         check_cu_seqlens(cu_seqlens.to("meta") if tracing else cu_seqlens, rewards.numel())
         num_seqs = cu_seqlens.numel() - 1
