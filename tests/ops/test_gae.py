@@ -352,3 +352,52 @@ def test_cpp_lockstep_rows_and_single_rows_agree(impl_on):
     g = discounted_returns(r, mask=m, bootstrap=boot, gamma=0.9, impl="cpp")
     assert torch.equal(discounted_returns(r[18:], mask=m[18:], bootstrap=boot[18:], gamma=0.9, impl="cpp")[0], g[18])
     assert torch.equal(discounted_returns(r[:8], mask=m[:8], bootstrap=boot[:8], gamma=0.9, impl="cpp")[3], g[3])
+
+
+def test_triton_custom_ops_pass_opcheck(impl_on):
+    impl_on("triton", "cpu")
+    from fastalign.ops.gae import triton  # noqa: F401  (registers the ops)
+
+    r, v, m, b = torch.randn(2, 6), torch.randn(2, 6), torch.rand(2, 6) > 0.3, torch.randn(2)
+    cu, checks = torch.tensor([0, 5, 12], dtype=torch.int32), ("test_schema", "test_faketensor")
+    for args in [(r, v, m, None, b, 0.9, 0.8), (r.reshape(-1), v.reshape(-1), None, cu, None, 1.0, 0.95)]:
+        torch.library.opcheck(torch.ops.fastalign.gae_triton.default, args, test_utils=checks)
+    for args in [(r, m, None, b, 0.9), (r.reshape(-1), None, cu.long(), None, 0.7)]:
+        torch.library.opcheck(torch.ops.fastalign.discounted_returns_triton.default, args, test_utils=checks)
+
+
+@pytest.mark.parametrize("cu, match", [([0, 7, 5, 12], "non-decreasing"), ([1, 5, 12], "must start at 0"),
+                                       ([0, 5, 11], "must end at")])
+def test_triton_custom_ops_check_offsets(cu, match, impl_on):
+    impl_on("triton", "cpu")
+    from fastalign.ops.gae import triton  # noqa: F401  (registers the ops)
+
+    r, cu = torch.randn(12), torch.tensor(cu, dtype=torch.int32)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.fastalign.gae_triton(r, r, None, cu, None, 0.9, 0.9)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.fastalign.discounted_returns_triton(r, None, cu, None, 0.9)
+
+
+def _gae_and_returns(r, v, m, cu, b, impl):
+    adv, ret = gae(r, v, mask=m, cu_seqlens=cu, bootstrap=b, gamma=0.9, lam=0.8, impl=impl)
+    return adv, ret, discounted_returns(r, mask=m, cu_seqlens=cu, bootstrap=b, gamma=0.9, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["triton", "cpp"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_traceable_by_torch_compile(impl, packed, impl_on):
+    """fullgraph: the triton and cpp impls are one custom op per call, so nothing breaks the graph."""
+    impl_on(impl, "cpu")
+    r, v, b = torch.randn(3, 7), torch.randn(3, 7), torch.randn(3)
+    m = torch.rand(3, 7) > 0.3
+    args = (r.reshape(-1), v.reshape(-1), None, _offsets([9, 0, 12], "cpu"), b) if packed else (r, v, m, None, b)
+    fn = lambda r, v, m, cu, b: _gae_and_returns(r, v, m, cu, b, impl)
+    eager = fn(*args)  # (the first call imports the impl's module, outside any trace)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    for got, want in zip(compiled(*args), eager):
+        assert torch.equal(got, want)
+    if packed:  # offsets are still checked inside the compiled graph (by the op)
+        with pytest.raises(ValueError, match="non-decreasing"):
+            compiled(args[0], args[1], None, _offsets([9, -3, 15], "cpu"), b)

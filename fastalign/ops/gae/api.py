@@ -4,7 +4,9 @@ Layers (STYLE.md 2): the impl modules' launchers ``gae_fwd(rewards, values, mask
 lam) -> (advantages, returns | None)`` (``triton.py``, ``cpu.py``, ``cuda.py``; ``values=None`` gives the
 discounted returns in ``advantages``) -> the public functions here (validation, docs, dispatch). There is no
 autograd Function: advantages and returns are regression/policy-gradient *targets*, computed without gradient
-(as every PPO trainer does under ``torch.no_grad()``), so the outputs never require grad.
+(as every PPO trainer does under ``torch.no_grad()``), so the outputs never require grad. The triton, cpp and
+cuda launchers are torch.library ops with fake impls (``fastalign::gae_triton`` / ``fastalign::gae`` and their
+``discounted_returns`` twins), so ``torch.compile(fullgraph=True)`` traces each call as one op.
 """
 
 from __future__ import annotations
@@ -65,7 +67,11 @@ def _prepare(rewards, values, mask, cu_seqlens, bootstrap, gamma, lam, impl, op)
             raise ValueError(f"rewards must be 1-D packed tokens with cu_seqlens; got shape {tuple(rewards.shape)}")
         if mask is not None:
             raise ValueError("mask must be None with cu_seqlens (packed tokens are all valid); got a tensor")
-        check_cu_seqlens(cu_seqlens, rewards.numel())
+        # Under torch.compile the offsets' values are not read here (a data-dependent branch cannot be traced):
+        # a meta copy gets only the static checks; the ops check CPU offsets themselves, and the torch impl (no op)
+        # checks them below.
+        tracing = torch.compiler.is_compiling()
+        check_cu_seqlens(cu_seqlens.to("meta") if tracing else cu_seqlens, rewards.numel())
         num_seqs = cu_seqlens.numel() - 1
     if bootstrap is not None:
         check_tensor(bootstrap, "bootstrap", ndim=1, dtypes=FLOAT_DTYPES)
@@ -80,6 +86,8 @@ def _prepare(rewards, values, mask, cu_seqlens, bootstrap, gamma, lam, impl, op)
             raise ValueError(f"mask must hold only 0 and 1; got {mask[tuple(bad)].item()} at index {tuple(bad)}")
         mask = mask != 0
     impl = resolve_impl(impl, device, op=op, impls=IMPLS)
+    if cu_seqlens is not None and impl == "torch" and torch.compiler.is_compiling():
+        check_cu_seqlens(cu_seqlens, rewards.numel())
     if values is not None and values.dtype != rewards.dtype and impl in ("cpp", "cuda"):
         # The compiled kernels read one input dtype; mixed inputs (rare) are promoted to float32 first.
         rewards, values = rewards.float(), values.float()

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastalign._utils import new_output
+from fastalign._utils import check_cu_seqlens, new_output
 
 
 @triton.jit
@@ -83,10 +83,11 @@ def _block(max_len: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(max(1, max_len))))
 
 
-def gae_fwd(rewards, values, mask, cu_seqlens, bootstrap, gamma: float, lam: float, block: int | None = None):
-    """``(advantages, returns)`` in float32; ``returns`` is None when ``values`` is None (discounted returns are
-    then ``advantages``). Inputs contiguous; ``mask`` bool or None; ``bootstrap`` float32 or None. ``block``
-    overrides the tile length (a power of two; tests use it to chain many tiles on short sequences)."""
+def _launch(rewards, values, mask, cu_seqlens, bootstrap, gamma: float, lam: float, block: int | None = None):
+    """The kernel launch behind the custom ops (contract of :func:`gae_fwd`)."""
+    if cu_seqlens is not None:
+        # The op checks CPU offsets itself (as the C++ op does): under torch.compile api.py cannot read them.
+        check_cu_seqlens(cu_seqlens, rewards.numel())
     adv = new_output(rewards.shape, dtype=torch.float32, device=rewards.device)
     ret = new_output(rewards.shape, dtype=torch.float32, device=rewards.device) if values is not None else None
     if cu_seqlens is not None:
@@ -110,3 +111,42 @@ def gae_fwd(rewards, values, mask, cu_seqlens, bootstrap, gamma: float, lam: flo
         HAS_BOOTSTRAP=bootstrap is not None, BT=bt, num_warps=4 if bt >= 512 else 1,
     )
     return adv, ret
+
+
+# The launchers run as torch.library custom ops (with fake impls), so torch.compile sees one opaque op each; the
+# schemas are those of the C++ ops fastalign::gae / fastalign::discounted_returns.
+
+@torch.library.custom_op("fastalign::gae_triton", mutates_args=(), schema=(
+    "(Tensor rewards, Tensor values, Tensor? mask, Tensor? cu_seqlens, Tensor? bootstrap, float gamma, "
+    "float lam) -> (Tensor, Tensor)"))
+def _gae_op(rewards, values, mask, cu_seqlens, bootstrap, gamma, lam):
+    return _launch(rewards, values, mask, cu_seqlens, bootstrap, gamma, lam)
+
+
+@_gae_op.register_fake
+def _(rewards, values, mask, cu_seqlens, bootstrap, gamma, lam):
+    return (rewards.new_empty(rewards.shape, dtype=torch.float32),
+            rewards.new_empty(rewards.shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("fastalign::discounted_returns_triton", mutates_args=(), schema=(
+    "(Tensor rewards, Tensor? mask, Tensor? cu_seqlens, Tensor? bootstrap, float gamma) -> Tensor"))
+def _discounted_returns_op(rewards, mask, cu_seqlens, bootstrap, gamma):
+    return _launch(rewards, None, mask, cu_seqlens, bootstrap, gamma, 1.0)[0]
+
+
+@_discounted_returns_op.register_fake
+def _(rewards, mask, cu_seqlens, bootstrap, gamma):
+    return rewards.new_empty(rewards.shape, dtype=torch.float32)
+
+
+def gae_fwd(rewards, values, mask, cu_seqlens, bootstrap, gamma: float, lam: float, block: int | None = None):
+    """``(advantages, returns)`` in float32; ``returns`` is None when ``values`` is None (discounted returns are
+    then ``advantages``). Inputs contiguous; ``mask`` bool or None; ``bootstrap`` float32 or None. Goes through
+    the ops ``fastalign::gae_triton`` / ``fastalign::discounted_returns_triton``; ``block`` (tests only) overrides
+    the tile length (a power of two, to chain many tiles on short sequences) and launches directly."""
+    if block is not None:
+        return _launch(rewards, values, mask, cu_seqlens, bootstrap, gamma, lam, block)
+    if values is None:
+        return torch.ops.fastalign.discounted_returns_triton(rewards, mask, cu_seqlens, bootstrap, gamma), None
+    return torch.ops.fastalign.gae_triton(rewards, values, mask, cu_seqlens, bootstrap, gamma, lam)
