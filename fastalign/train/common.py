@@ -50,6 +50,9 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.attn = resolve_attention(cfg.attn_implementation, self.device)  # what models are loaded with
+        # packed rows: one row for flash-attn's varlen kernel; rows of max_length tokens for a masked attention
+        # (SDPA/eager compute the whole row x row block-diagonal mask, so a row's cost grows with its square)
+        self.row_tokens = None if "flash" in self.attn else cfg.max_length
         self.main = self.rank == 0
         self.out = Path(cfg.output_dir)
         self.history: list[dict] = []

@@ -217,60 +217,95 @@ def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     return out
 
 
-def collate_sft(examples, pad_id: int, packing: bool = False) -> dict:
-    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]``; with ``packing``, one padding-free
-    row (:func:`pack`)."""
+def collate_sft(examples, pad_id: int, packing: bool = False, row_tokens: int | None = None) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]``; with ``packing``, packed rows
+    (:func:`pack`) of at most ``row_tokens`` tokens (None: one row)."""
     ids = [e[0] for e in examples]
     if packing:
-        return pack(ids, [e[1] for e in examples])
+        return pack(ids, [e[1] for e in examples], row_tokens, pad_id)
     return {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(s) for s in ids], 0),
             "labels": pad([e[1] for e in examples], -100)}
 
 
-def collate_pref(examples, pad_id: int, packing: bool = False) -> dict:
+def collate_pref(examples, pad_id: int, packing: bool = False, row_tokens: int | None = None) -> dict:
     """The chosen sequences stacked over the rejected ones: ``[2B, T]`` (rows ``[:B]`` chosen, ``[B:]`` rejected);
-    with ``packing``, one padding-free row holding the B chosen sequences, then the B rejected ones."""
+    with ``packing``, packed rows whose sequences are numbered the same way (chosen ``0..B-1``, rejected
+    ``B..2B-1``)."""
     rows = [(e[0], e[1]) for e in examples] + [(e[2], e[3]) for e in examples]
-    return collate_sft(rows, pad_id, packing)
+    return collate_sft(rows, pad_id, packing, row_tokens)
 
 
-def pack(ids: list[list[int]], labels: list[list[int]]) -> dict:
-    """A padding-free batch: the sequences concatenated into one row, no pad token.
+def pack(ids: list[list[int]], labels: list[list[int]], row_tokens: int | None = None, pad_id: int = 0) -> dict:
+    """A packed batch: the sequences laid end to end in rows of at most ``row_tokens`` tokens (None: one row, no
+    pad token at all), placed first-fit by decreasing length; each row is padded to the longest row.
 
-    Returns ``input_ids``, ``labels`` and ``position_ids`` ``[1, L]`` (``L`` the total token count; positions
-    restart at 0 for each sequence, which is how the model keeps attention inside each sequence), the token
-    boundaries ``cu_seqlens`` ``[S + 1]`` int32 and ``max_seqlen`` (an int: the flash-attn varlen kernel's bound).
-    Each sequence's first label is -100: it would otherwise be scored as the next token of the sequence before
-    it (a padded batch never scores position 0 either).
+    Returns, all ``[R, W]``: ``input_ids``, ``labels`` (-100 on padding, and on each sequence's first token,
+    which is not the next token of the sequence before it; a padded batch never scores position 0 either),
+    ``position_ids`` (restarting at 0 for each sequence and for each row's padding tail: this is how the model
+    keeps attention inside each sequence) and ``seq_ids`` (the sequence number of each token, in the order given;
+    -1 on padding). Also the attention segments of the flattened rows (the sequences and the padding tails) as
+    ``cu_seqlens`` ``[K + 1]`` int32 and ``max_seqlen`` (an int), for flash-attn's varlen kernel, and
+    ``seq_last`` ``[S]`` int64: the flattened index of each sequence's last token.
 
     Example:
-        >>> pack([[5, 6, 7], [8, 9]], [[-100, 6, 7], [-100, 9]])["position_ids"]
-        tensor([[0, 1, 2, 0, 1]])
+        >>> b = pack([[5, 6, 7], [8, 9]], [[-100, 6, 7], [-100, 9]])
+        >>> b["input_ids"], b["position_ids"], b["seq_ids"]
+        (tensor([[5, 6, 7, 8, 9]]), tensor([[0, 1, 2, 0, 1]]), tensor([[0, 0, 0, 1, 1]]))
     """
-    flat_ids, flat_labels, positions, cu = [], [], [], [0]
-    for s, lab in zip(ids, labels):
-        flat_ids += s
-        flat_labels += [-100] + list(lab[1:])
-        positions += range(len(s))
-        cu.append(cu[-1] + len(s))
-    return {"input_ids": torch.tensor([flat_ids], dtype=torch.long),
-            "labels": torch.tensor([flat_labels], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
-            "cu_seqlens": torch.tensor(cu, dtype=torch.int32), "max_seqlen": max(len(s) for s in ids)}
+    n = len(ids)
+    cap = row_tokens if row_tokens is not None else sum(len(s) for s in ids)
+    if any(len(s) > cap for s in ids):
+        raise ValueError(f"row_tokens must be at least the longest sequence ({max(len(s) for s in ids)}); "
+                         f"got {row_tokens}")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(n), key=lambda i: -len(ids[i])):  # first fit, decreasing (stable)
+        r = next((r for r in range(len(rows)) if room[r] >= len(ids[i])), None)
+        if r is None:
+            rows.append([])
+            room.append(cap)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= len(ids[i])
+    W = max(cap - left for left in room)
+    out = {k: [] for k in ("input_ids", "labels", "position_ids", "seq_ids")}
+    segments, seq_last = [], [0] * n
+    for r, row in enumerate(rows):
+        tok, lab, pos, sid = [], [], [], []
+        for i in row:
+            seq_last[i] = r * W + len(tok) + len(ids[i]) - 1
+            tok += ids[i]
+            lab += [-100] + list(labels[i][1:])
+            pos += range(len(ids[i]))
+            sid += [i] * len(ids[i])
+            segments.append(len(ids[i]))
+        tail = W - len(tok)
+        if tail:
+            tok, lab, pos, sid = tok + [pad_id] * tail, lab + [-100] * tail, pos + list(range(tail)), sid + [-1] * tail
+            segments.append(tail)
+        for k, v in zip(out, (tok, lab, pos, sid)):
+            out[k].append(v)
+    batch = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+    cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(segments).cumsum(0)
+    batch.update(cu_seqlens=cu, max_seqlen=max(segments), seq_last=torch.tensor(seq_last, dtype=torch.long))
+    return batch
 
 
 @dataclass(frozen=True)
 class Batcher:
-    """Examples -> model inputs: right-padded rows, or with ``packing`` one padding-free row (:func:`pack`)."""
+    """Examples -> model inputs: right-padded rows, or with ``packing`` packed rows of at most ``row_tokens``
+    tokens (:func:`pack`; None: one row)."""
 
     pad_id: int
     packing: bool = False
+    row_tokens: int | None = None
 
     def sft(self, examples) -> dict:
-        return collate_sft(examples, self.pad_id, self.packing)
+        return collate_sft(examples, self.pad_id, self.packing, self.row_tokens)
 
     def pref(self, examples) -> dict:
-        return collate_pref(examples, self.pad_id, self.packing)
+        return collate_pref(examples, self.pad_id, self.packing, self.row_tokens)
 
 
 class BatchStream:

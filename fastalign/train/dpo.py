@@ -137,7 +137,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     lm = load_policy(start_model, cfg, resume_path, run.attn)
     run.check_packing(lm)
     policy = run.wrap(SequenceLogps(lm))
-    batcher = Batcher(tok.pad_token_id, cfg.packing)
+    batcher = Batcher(tok.pad_token_id, cfg.packing, run.row_tokens)
 
     # the reference: none (reference-free types), precomputed log-probabilities, or a (moving) copy
     ref_lm = ref = train_ref = held_out_ref = None

@@ -118,11 +118,11 @@ def final_hidden(lm, input_ids, attention_mask=None, position_ids=None, cu_seqle
 
     A padded batch gives ``attention_mask``; a packed one (:func:`fastalign.train.data.pack`) gives
     ``position_ids`` restarting at 0 per sequence, from which transformers keeps attention inside each sequence
-    (a block-diagonal causal mask for SDPA/eager); flash-attn also gets the boundaries (``cu_seqlens``,
+    (a block-diagonal causal mask for SDPA/eager); flash-attn also gets the segments (``cu_seqlens``,
     ``max_seqlen``) for its varlen kernel, so it needs no mask and no host synchronization to find them.
     """
     kwargs = {}
-    if cu_seqlens is not None:
+    if position_ids is not None:
         kwargs["position_ids"] = position_ids
         if "flash" in str(getattr(lm.config, "_attn_implementation", "")):
             kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
@@ -131,26 +131,27 @@ def final_hidden(lm, input_ids, attention_mask=None, position_ids=None, cu_seqle
                             **kwargs).last_hidden_state
 
 
-def packed_targets(labels, cu_seqlens=None):
-    """Select the scored positions: ``(mask [B, T-1], targets [N], cu [S+1])`` for next-token labels; ``cu`` are
-    the per-sequence boundaries of the ``N`` scored targets.
+def packed_targets(labels, seq_ids=None, num_seqs: int | None = None):
+    """Select the scored positions: ``(mask [R, T-1], targets [N], order, cu [S+1])`` for next-token labels;
+    the ``N`` targets of sequence ``s`` are ``targets[order][cu[s]:cu[s+1]]`` (``order`` None: as selected).
 
     Position ``t`` predicts ``labels[:, t + 1]``; positions whose label is -100 are not scored. Padded labels
-    ``[B, T]`` hold one sequence per row (``S = B``); packed labels ``[1, L]`` hold ``S`` sequences delimited by
-    the token boundaries ``cu_seqlens`` ``[S + 1]``.
+    ``[B, T]`` hold one sequence per row (``S = B``); packed rows hold ``num_seqs`` sequences numbered by
+    ``seq_ids`` (:func:`fastalign.train.data.pack`; a sequence's tokens are contiguous in its row).
     """
     targets = labels[:, 1:]
     mask = targets != -100
-    if cu_seqlens is None:
+    order = None
+    if seq_ids is None:
         counts = mask.sum(1)
-    else:  # the sequence of each target position 1..L-1, counted over the scored ones (no host sync)
-        pos = torch.arange(1, labels.shape[1], device=labels.device)
-        seq = torch.searchsorted(cu_seqlens[1:].to(torch.int64), pos, right=True)
-        counts = torch.zeros(cu_seqlens.shape[0] - 1, dtype=torch.int64, device=labels.device)
-        counts.index_add_(0, seq[mask[0]], torch.ones_like(seq[mask[0]]))
+    else:  # count the scored targets of each sequence and sort them by sequence (no host sync)
+        seq = seq_ids[:, 1:][mask]
+        counts = torch.zeros(num_seqs, dtype=torch.int64, device=labels.device)
+        counts.index_add_(0, seq, torch.ones_like(seq))
+        order = torch.sort(seq, stable=True).indices
     cu = torch.zeros(counts.shape[0] + 1, dtype=torch.int64, device=labels.device)
     cu[1:] = counts.cumsum(0)
-    return mask, targets[mask], cu
+    return mask, targets[mask], order, cu
 
 
 @torch.no_grad()
@@ -166,6 +167,7 @@ def check_packing(lm, device, autocast) -> None:
 
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randint(lm.config.vocab_size, (n,), generator=g).tolist() for n in (7, 5))
+    # one row: a (the longer: first fit by decreasing length), then b
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in pack([a, b], [a, b]).items()}
     alone_ids = torch.tensor([b], device=device)
     was_training = lm.training
@@ -195,8 +197,8 @@ class SequenceLogps(nn.Module):
     Same as ``log_softmax(lm(input_ids).logits[:, :-1]).gather(-1, labels[:, 1:]).masked_sum(-1)``, counting
     only labels != -100, without the logits. Wrapping the whole computation in one module lets DDP/FSDP hook
     its forward. A padded batch has one sequence per row (``S = B``); a packed one
-    (:func:`fastalign.train.data.pack`: ``input_ids``/``labels``/``position_ids`` ``[1, L]``, ``cu_seqlens``,
-    ``max_seqlen``) has ``S = len(cu_seqlens) - 1`` sequences in one row, and gives the same values.
+    (:func:`fastalign.train.data.pack`: ``input_ids``/``labels``/``position_ids``/``seq_ids`` ``[R, W]``,
+    ``seq_last`` ``[S]``, ``cu_seqlens``, ``max_seqlen``) holds ``S`` sequences, and gives the same values.
 
     Example:
         >>> policy = SequenceLogps(load_model("embedded"))
@@ -208,12 +210,14 @@ class SequenceLogps(nn.Module):
         self.lm = lm
         self.head_options = lm_head_options(lm.config)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, cu_seqlens=None,
-                max_seqlen=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, seq_ids=None, seq_last=None,
+                cu_seqlens=None, max_seqlen=None):
         hidden = final_hidden(self.lm, input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen)
-        mask, targets, cu = packed_targets(labels, cu_seqlens)
+        mask, targets, order, cu = packed_targets(labels, seq_ids, None if seq_last is None else seq_last.shape[0])
         head = self.lm.get_output_embeddings()
         h = hidden[:, :-1][mask]
+        if order is not None:  # packed: the targets grouped by sequence, in the batch's sequence order
+            h, targets = h[order], targets[order]
         weight = head.weight.to(h.dtype)
         bias = None if getattr(head, "bias", None) is None else head.bias.to(h.dtype)
         token_logps = linear_logprobs(h, weight, targets, bias, **self.head_options)
@@ -229,7 +233,7 @@ class RewardModel(nn.Module):
     """A causal LM's decoder plus a scalar value head read at each sequence's last real token.
 
     ``forward(input_ids, attention_mask) -> scores [B]`` (float32), or for a packed batch
-    ``forward(input_ids, position_ids=..., cu_seqlens=..., max_seqlen=...) -> scores [S]``. The head is saved
+    ``forward(input_ids, position_ids=..., seq_ids=..., seq_last=..., ...) -> scores [S]``. The head is saved
     beside the model as ``value_head.safetensors`` (:func:`save_value_head` / :func:`load_value_head`).
     """
 
@@ -241,13 +245,14 @@ class RewardModel(nn.Module):
             nn.init.normal_(self.value_head.weight, std=1.0 / (lm.config.hidden_size + 1) ** 0.5)
             nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, max_seqlen=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, seq_ids=None, seq_last=None,
+                cu_seqlens=None, max_seqlen=None):
         hidden = final_hidden(self.lm, input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen)
-        if cu_seqlens is None:
+        if seq_last is None:
             last = attention_mask.long().cumsum(1).argmax(1)  # index of the last real token (right padding)
             h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        else:  # packed: each sequence's last token in the one row
-            h = hidden[0, cu_seqlens[1:].to(torch.int64) - 1]
+        else:  # packed: each sequence's last token, by its flattened index
+            h = hidden.reshape(-1, hidden.shape[-1])[seq_last]
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
 

@@ -56,7 +56,7 @@ def train_rm(cfg: RMConfig) -> dict:
     source = str(resume_path) if resume_path else cfg.model
     lm = load_model(source, seed=cfg.seed, dtype=cfg.torch_dtype, attn_implementation=run.attn)
     run.check_packing(lm)
-    batcher = Batcher(tok.pad_token_id, cfg.packing)
+    batcher = Batcher(tok.pad_token_id, cfg.packing, run.row_tokens)
     if cfg.gradient_checkpointing:
         enable_checkpointing(lm)
     with torch.random.fork_rng(devices=[]):

@@ -72,7 +72,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     lm = load_policy(cfg.model, cfg, resume_path, run.attn)
     run.check_packing(lm)
     policy = run.wrap(SequenceLogps(lm))
-    batcher = Batcher(tok.pad_token_id, cfg.packing)
+    batcher = Batcher(tok.pad_token_id, cfg.packing, run.row_tokens)
     opt, sched = run.optimizer(policy.parameters())
     stream = BatchStream(len(train), cfg.seed, rank=run.rank, world=run.world)
     start, before = 0, None

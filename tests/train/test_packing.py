@@ -40,21 +40,41 @@ def examples(tok):
     return [encode_sft_row(Encoder(tok, 64), r, "x") for r in ROWS]
 
 
-def test_pack_layout():
+def test_pack_one_row():
     batch = pack([[5, 6, 7], [8, 9], [4]], [[-100, 6, 7], [8, 9], [4]])
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 4]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0]]
     # every sequence's first label is dropped: it is not the next token of the sequence before it
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100]]
+    assert batch["seq_ids"].tolist() == [[0, 0, 0, 1, 1, 2]] and batch["seq_last"].tolist() == [2, 4, 5]
     assert batch["cu_seqlens"].dtype == torch.int32 and batch["cu_seqlens"].tolist() == [0, 3, 5, 6]
     assert batch["max_seqlen"] == 3
 
 
-def test_packed_targets_count_each_sequence():
-    labels = torch.tensor([[-100, 6, 7, -100, 9, -100, -100, 3]])
-    mask, targets, cu = packed_targets(labels, torch.tensor([0, 3, 5, 6, 8], dtype=torch.int32))
-    assert targets.tolist() == [6, 7, 9, 3] and cu.tolist() == [0, 2, 3, 3, 4]  # the third sequence: no target
-    assert mask.tolist() == [[True, True, False, True, False, False, True]]
+def test_pack_rows_first_fit_decreasing():
+    ids = [[1, 2], [3, 4, 5, 6], [7], [8, 9, 10]]
+    batch = pack(ids, ids, row_tokens=5, pad_id=0)
+    # by decreasing length: [3..6] opens row 0, [8..10] row 1, [1, 2] fits row 1, [7] fits row 0
+    assert batch["input_ids"].tolist() == [[3, 4, 5, 6, 7], [8, 9, 10, 1, 2]]
+    assert batch["seq_ids"].tolist() == [[1, 1, 1, 1, 2], [3, 3, 3, 0, 0]]
+    assert batch["seq_last"].tolist() == [9, 3, 4, 7]
+    ids = [[1, 2], [3, 4, 5]]
+    batch = pack(ids, ids, row_tokens=4, pad_id=99)  # one sequence per row: padding tails of their own
+    assert batch["input_ids"].tolist() == [[3, 4, 5], [1, 2, 99]]
+    assert batch["labels"].tolist() == [[-100, 4, 5], [-100, 2, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]
+    assert batch["seq_ids"].tolist() == [[1, 1, 1], [0, 0, -1]]
+    assert batch["cu_seqlens"].tolist() == [0, 3, 5, 6] and batch["max_seqlen"] == 3
+    with pytest.raises(ValueError, match=r"row_tokens must be at least the longest sequence \(3\); got 2"):
+        pack(ids, ids, row_tokens=2)
+
+
+def test_packed_targets_group_each_sequence():
+    labels = torch.tensor([[-100, 6, 7, -100, 9], [-100, 2, -100, -100, 3]])
+    seq_ids = torch.tensor([[2, 2, 2, 0, 0], [1, 1, 3, 4, 4]])
+    mask, targets, order, cu = packed_targets(labels, seq_ids, 5)
+    assert mask.tolist() == [[True, True, False, True], [True, False, False, True]]
+    assert targets[order].tolist() == [9, 2, 6, 7, 3] and cu.tolist() == [0, 1, 2, 4, 4, 5]  # sequence 3: none
 
 
 def test_collate_pref_packs_chosen_then_rejected(tok):
@@ -74,10 +94,12 @@ def _logps(lm, batch):
 
 
 @pytest.mark.parametrize("completion_only", [True, False])
-def test_packed_sequence_logps_equal_padded_values_and_grads(tok, examples, completion_only):
+@pytest.mark.parametrize("row_tokens", [None, 16])
+def test_packed_sequence_logps_equal_padded_values_and_grads(tok, examples, completion_only, row_tokens):
     if not completion_only:  # labels on every token (completion_only_loss=False): the boundaries matter
         examples = [(ids, list(ids)) for ids, _ in examples]
-    batcher, packed = Batcher(tok.pad_token_id), Batcher(tok.pad_token_id, packing=True)
+    batcher, packed = Batcher(tok.pad_token_id), Batcher(tok.pad_token_id, True, row_tokens)
+    assert packed.sft(examples)["input_ids"].shape[0] == (1 if row_tokens is None else 3)
     pad32 = _logps(load_model("embedded", seed=1), batcher.sft(examples))
     pad64 = _logps(load_model("embedded", seed=1).double(), batcher.sft(examples))
     out = _logps(load_model("embedded", seed=1), packed.sft(examples))
@@ -88,14 +110,14 @@ def test_packed_sequence_logps_equal_padded_values_and_grads(tok, examples, comp
         assert_close_to_ref(out[2][name], pad64[2][name], pad32[2][name], atol=1e-6, name=name)
 
 
-def test_packed_reward_model_equals_padded(tok, examples):
+@pytest.mark.parametrize("row_tokens", [None, 16])
+def test_packed_reward_model_equals_padded(tok, examples, row_tokens):
     torch.manual_seed(0)
     rm = RewardModel(load_model("embedded", seed=3))
     padded = Batcher(tok.pad_token_id).sft(examples)
-    packed = Batcher(tok.pad_token_id, packing=True).sft(examples)
+    packed = Batcher(tok.pad_token_id, True, row_tokens).sft(examples)
     want32 = rm(padded["input_ids"], padded["attention_mask"])
-    got = rm(packed["input_ids"], position_ids=packed["position_ids"], cu_seqlens=packed["cu_seqlens"],
-             max_seqlen=packed["max_seqlen"])
+    got = rm(**{k: v for k, v in packed.items() if k != "labels"})
     want64 = rm.double()(padded["input_ids"], padded["attention_mask"])
     assert_close_to_ref(got, want64, want32, atol=1e-6, name="rewards")
 
@@ -125,7 +147,8 @@ def test_packed_runs_track_padded_runs(tmp_path, small_data, kind):
     cls, fn = {"sft": (SFTConfig, train_sft), "dpo": (DPOConfig, train_dpo), "rm": (RMConfig, train_rm)}[kind]
     runs = {}
     for name, packing, dtype in [("pad64", False, "float64"), ("pad32", False, "float32"), ("packed", True, "float32")]:
-        over = quick(tmp_path / name, small_data, kind, packing=packing, dtype=dtype, gen_eval_data="", seed=1)
+        over = quick(tmp_path / name, small_data, kind, packing=packing, dtype=dtype, gen_eval_data="", seed=1,
+                     max_length=32)  # packed rows of at most 32 tokens: several per batch
         fn(make_config(cls, over, kind))
         runs[name] = over["output_dir"]
     keys = {"sft": ["loss", "grad_norm"], "dpo": ["loss", "grad_norm", "rewards/margins", "logps/chosen"],
