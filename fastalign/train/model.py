@@ -124,9 +124,9 @@ def final_hidden(lm, input_ids, attention_mask=None, position_ids=None, cu_seqle
     kwargs = {}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
-        if "flash" in str(getattr(lm.config, "_attn_implementation", "")):
-            kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
-                          max_length_k=max_seqlen)
+    if cu_seqlens is not None:  # read by flash-attn's varlen path; the masked attentions ignore them
+        kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
+                      max_length_k=max_seqlen)
     return lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                             **kwargs).last_hidden_state
 

@@ -175,3 +175,42 @@ def test_flash_attention_needs_flash_attn(monkeypatch):
     monkeypatch.setattr(model, "flash_attn_installed", lambda: False)
     with pytest.raises(ConfigError, match=r"flash-attn is not installed \(pip install 'fastalign\[flash\]'\)"):
         make_config(SFTConfig, {"attn_implementation": "flash_attention_2"}, "sft")
+
+
+def varlen_reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                               cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
+                               **kwargs):
+    """flash-attn's varlen contract in plain torch: no mask, causal attention inside each ``cu_seq_lens`` segment
+    of the flattened rows (query/key/value ``[R, H, W, d]``; returns ``[R, W, H, d]``)."""
+    assert attention_mask is None, "a varlen attention gets the segments, not a mask"
+    assert cu_seq_lens_q is not None and cu_seq_lens_k is cu_seq_lens_q and max_length_q == max_length_k
+    R, H, W, d = query.shape
+    groups = H // key.shape[1]
+    q, k, v = (x.transpose(1, 2).reshape(R * W, x.shape[1], d) for x in (query, key, value))
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    out = torch.empty_like(q)
+    bounds = cu_seq_lens_q.tolist()
+    assert max(b - a for a, b in zip(bounds, bounds[1:])) == max_length_q and bounds[-1] == R * W
+    for a, b in zip(bounds, bounds[1:]):
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True,
+            scale=scaling).transpose(0, 1)
+    return out.reshape(R, W, H, d), None
+
+
+@pytest.mark.parametrize("row_tokens", [None, 16])
+def test_flash_varlen_route_gets_the_segments(tok, examples, row_tokens):
+    """The flash_attention_2 route without flash-attn: an attention that transformers builds no mask for gets the
+    packed segments (cu_seq_lens_*, max_length_*) as flash-attn's varlen kernel does; a plain-torch varlen
+    attention there gives the padded model's values."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("varlen_reference", varlen_reference_attention)
+    lm = load_model("embedded", seed=2, attn_implementation="varlen_reference")
+    packed = Batcher(tok.pad_token_id, True, row_tokens).sft(examples)
+    padded = Batcher(tok.pad_token_id).sft(examples)
+    got, n = SequenceLogps(lm)(**packed)
+    want32, n32 = SequenceLogps(load_model("embedded", seed=2))(**padded)
+    want64, _ = SequenceLogps(load_model("embedded", seed=2).double())(**padded)
+    assert torch.equal(n, n32)
+    assert_close_to_ref(got, want64, want32, atol=1e-5, name="sequence logps")
