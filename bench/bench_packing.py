@@ -71,7 +71,7 @@ def run(args) -> list[dict]:
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batcher.sft(examples).items()}
             row["tokens"] = batch["input_ids"].numel()
 
-            def step():
+            def step(model=model, batch=batch):
                 model.zero_grad(set_to_none=True)
                 with autocast:
                     logps, _ = model(**batch)
