@@ -42,9 +42,10 @@ class TrainConfig:
     truncation_mode: str = field(default="keep_end", metadata={
         "help": "keep_end: drop tokens from the start of the prompt; keep_start: drop them from the end"})
     packing: bool = field(default=False, metadata={
-        "help": "padding-free batches: each micro-batch's sequences concatenated into one row, position ids "
-                "restarting at 0 per sequence, no pad token computed; attention stays inside each sequence "
-                "(flash-attn varlen with flash_attention_2, a block-diagonal mask with sdpa/eager; checked at start)"})
+        "help": "padding-free batches (TRL's padding_free, and packing without splitting sequences): each "
+                "micro-batch's sequences laid end to end, position ids restarting at 0 per sequence; with "
+                "flash_attention_2 one row and no pad token (varlen kernel), with sdpa/eager rows of at most "
+                "max_length tokens (a block-diagonal mask); attention stays inside each sequence (checked at start)"})
     attn_implementation: str = field(default="auto", metadata={
         "help": "auto: flash_attention_2 when flash-attn is installed (the [flash] extra) and the device is CUDA, "
                 "else sdpa; or sdpa, eager, flash_attention_2"})
