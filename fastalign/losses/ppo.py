@@ -216,7 +216,8 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     :func:`fastalign.linear_logprobs`), taking ``log_softmax(logits).gather(targets)`` and the entropy, then
     :func:`ppo_policy_loss`; built on ``linear_logprobs(..., return_entropy=True)``, so the fused impls never
     build the ``[tokens, vocab]`` logits. Tokens whose target is ``ignore_index`` are excluded like masked ones.
-    Entropy is computed only when ``entropy_coef`` is nonzero.
+    Entropy is computed only when ``entropy_coef`` is nonzero. Tokens clipped where the clip binds have zero
+    gradient; the ``cpp`` impl's backward leaves them out (its cost falls with the clip fraction).
 
     Args:
         hidden: ``[B, T, D]`` (padded, with ``mask`` ``[B, T]``) or ``[N, D]`` (packed, with ``cu_seqlens``).

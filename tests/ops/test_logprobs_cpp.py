@@ -358,6 +358,40 @@ def test_through_the_autograd_function(dtype):
         assert_close_to_ref(out, r64, rlow, atol=2e-6 * (1 + float(r64.abs().max())), name=f"Function {what}")
 
 
+@pytest.mark.parametrize("entropy", [False, True])
+def test_rows_without_gradient_are_left_out_of_the_backward(entropy, monkeypatch):
+    """Rows whose incoming gradient is zero (PPO's clipped tokens) reach the kernel as ignored, so it does no
+    work for them; the gradients stay those of the reference."""
+    h, w, y, b = _inputs(N, D, V, torch.float32, bias=True)
+    valid = y != IGNORE
+    g = torch.randn(N) * valid
+    e = torch.randn(N) * valid if entropy else None
+    dead = torch.rand(N) < 0.5
+    g[dead] = 0.0
+    if entropy:
+        e[dead & (torch.rand(N) < 0.5)] = 0.0  # a row with only an entropy gradient still has work
+    seen = []
+    launchers = api._launchers
+
+    def spy(impl):
+        fwd, bwd = launchers(impl)
+        return fwd, lambda hh, ww, yy, *rest: (seen.append(yy.clone()), bwd(hh, ww, yy, *rest))[1]
+
+    monkeypatch.setattr(api, "_launchers", spy)
+    params = LogprobsParams(return_entropy=entropy, impl="cpp")
+    leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+    out = api.LinearLogprobsFunction.apply(leaves[0], leaves[1], y, leaves[2], params)
+    lp, ent = out if entropy else (out, None)
+    ((lp * g).sum() + ((ent * e).sum() if entropy else 0)).backward()
+    live = (g != 0) | (e != 0) if entropy else g != 0
+    assert torch.equal(seen[0], torch.where(live, y, IGNORE)) and (live != valid).any()
+    assert (leaves[0].grad[~live] == 0).all() and (leaves[0].grad[live] != 0).all()
+    _, _, grads64 = _naive_outputs(h.double(), w.double(), y, b.double(), params, g, e)
+    _, _, grads32 = _naive_outputs(h, w, y, b, params, g, e)
+    for t, r64, r32, name in zip(leaves, grads64, grads32, ("hidden", "weight", "bias")):
+        assert_close_to_ref(t.grad, r64, r32, atol=2e-6 * (1 + float(r64.abs().max())), name=name)
+
+
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(0, 140), d=st.integers(1, 70), v=st.integers(1, 1600), bias=st.booleans(),
        temperature=st.sampled_from([1.0, 0.6]), softcap=st.sampled_from([None, 3.0]),

@@ -173,6 +173,11 @@ class LinearLogprobsFunction(torch.autograd.Function):
         e = None
         if params.return_entropy:
             e = torch.where(valid, grad_entropy.to(acc), zero) if grad_entropy is not None else torch.zeros_like(g)
+        if params.impl == "cpp":
+            # Rows with no incoming gradient (PPO's clipped tokens, masked positions) add nothing: passed as
+            # ignored, the kernel leaves them out of its row blocks (finding them costs no host sync on the CPU).
+            live = g != 0 if e is None else (g != 0) | (e != 0)
+            targets = torch.where(live, targets, params.ignore_index)
         _, bwd = _launchers(params.impl)
         grad_hidden, grad_weight, grad_bias = bwd(hidden, weight, targets, bias, lse, sum_pz, g, e, params)
         if params.process_group is not None:
