@@ -151,7 +151,7 @@ def test_packed_runs_track_padded_runs(tmp_path, small_data, kind):
                      max_length=32)  # packed rows of at most 32 tokens: several per batch
         fn(make_config(cls, over, kind))
         runs[name] = over["output_dir"]
-    keys = {"sft": ["loss", "grad_norm"], "dpo": ["loss", "grad_norm", "rewards/margins", "logps/chosen"],
+    keys = {"sft": ["loss", "grad_norm"], "dpo": ["loss", "grad_norm", "rewards/margins", "logps/chosen", "eval_loss"],
             "rm": ["loss", "grad_norm", "margin", "eval_loss"]}[kind]
     for key in keys:
         got = logged(runs["packed"], key)
