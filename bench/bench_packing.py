@@ -25,7 +25,7 @@ import importlib.util
 import torch
 
 from bench import _harness
-from fastalign.train.data import Batcher
+from fastalign.train.data import Batcher, to_device
 from fastalign.train.model import SequenceLogps
 
 
@@ -68,7 +68,7 @@ def run(args) -> list[dict]:
                "D": args.D, "layers": args.layers, "V": args.V, "dtype": args.dtype, "real": real}
         try:
             model = SequenceLogps(make_model(args.D, args.layers, args.V, attn, device, dtype))
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batcher.sft(examples).items()}
+            batch = to_device(batcher.sft(examples), device)
             row["tokens"] = batch["input_ids"].numel()
 
             def step(model=model, batch=batch):

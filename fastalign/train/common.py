@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from fastalign.train import checkpoint
 from fastalign.train.config import to_dict
+from fastalign.train.data import Batcher
 from fastalign.train.model import check_packing, greedy_complete, resolve_attention, save_merged
 
 _MODES = {"fsdp": "with distributed=fsdp under torchrun", "ddp": "on one process or with distributed=ddp"}
@@ -50,9 +51,6 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.attn = resolve_attention(cfg.attn_implementation, self.device)  # what models are loaded with
-        # packed rows: one row for flash-attn's varlen kernel; rows of max_length tokens for a masked attention
-        # (SDPA/eager compute the whole row x row block-diagonal mask, so a row's cost grows with its square)
-        self.row_tokens = None if "flash" in self.attn else cfg.max_length
         self.main = self.rank == 0
         self.out = Path(cfg.output_dir)
         self.history: list[dict] = []
@@ -75,6 +73,13 @@ class Run:
     def fsdp(self) -> bool:
         """True when the model is sharded with FSDP2 (``distributed=fsdp`` under torchrun with 2+ processes)."""
         return self.world > 1 and self.cfg.distributed == "fsdp"
+
+    def batcher(self, tokenizer) -> Batcher:
+        """Padded batches, or with ``packing`` packed rows: one row for flash-attn's varlen kernel, rows of at most
+        ``max_length`` tokens for a masked attention (SDPA/eager compute the whole row x row block-diagonal mask,
+        so a row's cost grows with its square)."""
+        row_tokens = None if "flash" in self.attn else self.cfg.max_length
+        return Batcher(tokenizer.pad_token_id, self.cfg.packing, row_tokens)
 
     def check_packing(self, lm) -> None:
         """With ``packing``, check on this device that ``lm`` keeps packed sequences apart (moves ``lm`` there)."""

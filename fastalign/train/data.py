@@ -292,6 +292,11 @@ def pack(ids: list[list[int]], labels: list[list[int]], row_tokens: int | None =
     return batch
 
 
+def to_device(batch: dict, device) -> dict:
+    """A batch's tensors moved to ``device`` (its ints, such as ``max_seqlen``, as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 @dataclass(frozen=True)
 class Batcher:
     """Examples -> model inputs: right-padded rows, or with ``packing`` packed rows of at most ``row_tokens``

@@ -18,7 +18,7 @@ import torch
 from fastalign.losses.dpo import REFERENCE_FREE, BCORunningMean, dpo_loss
 from fastalign.train.common import Run, exact_match
 from fastalign.train.config import DPOConfig, SFTConfig, make_config
-from fastalign.train.data import Batcher, BatchStream, encode_pref_row
+from fastalign.train.data import Batcher, BatchStream, encode_pref_row, to_device
 from fastalign.train.model import (
     EMBEDDED,
     SequenceLogps,
@@ -27,7 +27,7 @@ from fastalign.train.model import (
     load_tokenizer,
     model_fingerprint,
 )
-from fastalign.train.sft import setup_data, to_device, train_sft
+from fastalign.train.sft import setup_data, train_sft
 
 
 def loss_options(cfg: DPOConfig) -> dict:
@@ -137,7 +137,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     lm = load_policy(start_model, cfg, resume_path, run.attn)
     run.check_packing(lm)
     policy = run.wrap(SequenceLogps(lm))
-    batcher = Batcher(tok.pad_token_id, cfg.packing, run.row_tokens)
+    batcher = run.batcher(tok)
 
     # the reference: none (reference-free types), precomputed log-probabilities, or a (moving) copy
     ref_lm = ref = train_ref = held_out_ref = None

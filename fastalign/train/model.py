@@ -163,12 +163,12 @@ def check_packing(lm, device, autocast) -> None:
     packed sequence attend to the ones before it in the row, silently. This runs two short random sequences
     packed and alone, and compares the second one's hidden states.
     """
-    from fastalign.train.data import pack
+    from fastalign.train.data import pack, to_device
 
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randint(lm.config.vocab_size, (n,), generator=g).tolist() for n in (7, 5))
     # one row: a (the longer: first fit by decreasing length), then b
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in pack([a, b], [a, b]).items()}
+    batch = to_device(pack([a, b], [a, b]), device)
     alone_ids = torch.tensor([b], device=device)
     was_training = lm.training
     lm.eval()

@@ -7,7 +7,7 @@ import torch
 from fastalign.losses.reward import reward_model_loss
 from fastalign.train.common import Run
 from fastalign.train.config import RMConfig
-from fastalign.train.data import Batcher, BatchStream, encode_pref_row
+from fastalign.train.data import Batcher, BatchStream, encode_pref_row, to_device
 from fastalign.train.model import (
     RewardModel,
     enable_checkpointing,
@@ -16,7 +16,7 @@ from fastalign.train.model import (
     load_value_head,
     save_value_head,
 )
-from fastalign.train.sft import setup_data, to_device
+from fastalign.train.sft import setup_data
 
 
 def pair_rewards(rm, batch: dict, run: Run):
@@ -56,7 +56,7 @@ def train_rm(cfg: RMConfig) -> dict:
     source = str(resume_path) if resume_path else cfg.model
     lm = load_model(source, seed=cfg.seed, dtype=cfg.torch_dtype, attn_implementation=run.attn)
     run.check_packing(lm)
-    batcher = Batcher(tok.pad_token_id, cfg.packing, run.row_tokens)
+    batcher = run.batcher(tok)
     if cfg.gradient_checkpointing:
         enable_checkpointing(lm)
     with torch.random.fork_rng(devices=[]):

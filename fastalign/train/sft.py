@@ -15,12 +15,9 @@ from fastalign.train.data import (
     load_examples,
     load_prompts,
     resolve_data,
+    to_device,
 )
 from fastalign.train.model import SequenceLogps, load_policy, load_tokenizer
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def count_targets(batch: dict) -> int:
@@ -72,7 +69,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     lm = load_policy(cfg.model, cfg, resume_path, run.attn)
     run.check_packing(lm)
     policy = run.wrap(SequenceLogps(lm))
-    batcher = Batcher(tok.pad_token_id, cfg.packing, run.row_tokens)
+    batcher = run.batcher(tok)
     opt, sched = run.optimizer(policy.parameters())
     stream = BatchStream(len(train), cfg.seed, rank=run.rank, world=run.world)
     start, before = 0, None
