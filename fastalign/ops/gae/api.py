@@ -67,11 +67,10 @@ def _prepare(rewards, values, mask, cu_seqlens, bootstrap, gamma, lam, impl, op)
             raise ValueError(f"rewards must be 1-D packed tokens with cu_seqlens; got shape {tuple(rewards.shape)}")
         if mask is not None:
             raise ValueError("mask must be None with cu_seqlens (packed tokens are all valid); got a tensor")
-        # Under torch.compile the offsets' values are not read here (a data-dependent branch cannot be traced):
-        # a meta copy gets only the static checks; the ops check CPU offsets themselves, and the torch impl (no op)
-        # checks them below.
-        tracing = torch.compiler.is_compiling()
-        check_cu_seqlens(cu_seqlens.to("meta") if tracing else cu_seqlens, rewards.numel())
+        # Only the static checks here (a meta copy: reading the values is a data-dependent branch that
+        # torch.compile cannot trace): the ops (triton, cpp, cuda) check the offsets' values themselves, and the
+        # torch impl (no op) gets its value check below.
+        check_cu_seqlens(cu_seqlens.to("meta"), rewards.numel())
         num_seqs = cu_seqlens.numel() - 1
     if bootstrap is not None:
         check_tensor(bootstrap, "bootstrap", ndim=1, dtypes=FLOAT_DTYPES)
@@ -86,7 +85,7 @@ def _prepare(rewards, values, mask, cu_seqlens, bootstrap, gamma, lam, impl, op)
             raise ValueError(f"mask must hold only 0 and 1; got {mask[tuple(bad)].item()} at index {tuple(bad)}")
         mask = mask != 0
     impl = resolve_impl(impl, device, op=op, impls=IMPLS)
-    if cu_seqlens is not None and impl == "torch" and torch.compiler.is_compiling():
+    if cu_seqlens is not None and impl == "torch":
         check_cu_seqlens(cu_seqlens, rewards.numel())
     if values is not None and values.dtype != rewards.dtype and impl in ("cpp", "cuda"):
         # The compiled kernels read one input dtype; mixed inputs (rare) are promoted to float32 first.
