@@ -2,7 +2,7 @@
 
 A random-init Llama (``--layers``, ``--D``, ``--V``) scores ``--batch`` sequences whose lengths are drawn uniformly
 from ``[--min-len, --max-len]`` (a completion on the second half of each), through
-:class:`fastalign.train.model.SequenceLogps` exactly as ``fastalign sft``/``dpo`` call it. Providers:
+:class:`fastalign.hf.SequenceLogps` exactly as ``fastalign sft``/``dpo`` call it. Providers:
 
 - ``padded``: right-padded ``[B, max length in batch]`` with an attention mask (what ``packing=false`` does);
 - ``packed rows``: rows of at most ``--max-len`` tokens (what ``packing=true`` does with sdpa/eager);
@@ -25,8 +25,8 @@ import importlib.util
 import torch
 
 from bench import _harness
+from fastalign.hf import SequenceLogps
 from fastalign.train.data import Batcher, to_device
-from fastalign.train.model import SequenceLogps
 
 
 def make_model(D: int, layers: int, V: int, attn: str, device, dtype):

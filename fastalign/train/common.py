@@ -9,17 +9,17 @@ import json
 import math
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from fastalign.hf import check_model
 from fastalign.train import checkpoint
-from fastalign.train.config import to_dict
-from fastalign.train.data import Batcher
-from fastalign.train.model import check_packing, greedy_complete, resolve_attention, save_merged
+from fastalign.train.config import resolve_attention, to_dict
+from fastalign.train.data import Batcher, check_packing
+from fastalign.train.model import greedy_complete, save_merged
 
 _MODES = {"fsdp": "with distributed=fsdp under torchrun", "ddp": "on one process or with distributed=ddp"}
 
@@ -81,10 +81,15 @@ class Run:
         row_tokens = None if "flash" in self.attn else self.cfg.max_length
         return Batcher(tokenizer.pad_token_id, self.cfg.packing, row_tokens)
 
-    def check_packing(self, lm) -> None:
-        """With ``packing``, check on this device that ``lm`` keeps packed sequences apart (moves ``lm`` there)."""
+    def check(self, lm) -> None:
+        """The start-up checks of a loaded model, on this device (moves ``lm`` there): with ``check_model``, that the
+        fused log-probabilities equal the model's own (:func:`fastalign.hf.check_model`); with ``packing``, that it
+        keeps packed sequences apart."""
+        lm.to(self.device)
+        if self.cfg.check_model:
+            check_model(lm)
         if self.cfg.packing:
-            check_packing(lm.to(self.device), self.device, self.autocast())
+            check_packing(lm, self.device, self.autocast())
 
     def wrap(self, module):
         """Move to the device; across ranks (torchrun) wrap with DDP, or shard with FSDP2 (``distributed=fsdp``).
@@ -134,8 +139,25 @@ class Run:
 
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
-    def step(self, module, opt, sched) -> float:
-        """Clip, step, schedule, zero the gradients; return the pre-clipping gradient norm."""
+    def accumulate(self, step: int, n: int, loss_of, reduce: str = "mean") -> dict:
+        """Backpropagate one accumulation cycle of ``n`` micro-batches: ``loss_of(i) -> (loss, metrics)`` builds
+        micro-batch ``i`` (one at a time, so each graph is freed before the next); the cycle's loss is the mean of
+        the ``n`` losses (``reduce="sum"``: their sum, for losses already normalized over the cycle). Returns the
+        metrics (``loss`` included) reduced the same way over micro-batches and averaged over ranks."""
+        w = 1.0 / n if reduce == "mean" else 1.0
+        sums: dict[str, float] = {}
+        for i in range(n):
+            loss, metrics = loss_of(i)
+            self.check_finite(loss, step)
+            (loss * w).backward()
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * w
+        return self.mean_metrics(sums)
+
+    def step(self, module, opt, sched) -> dict:
+        """Clip, step, schedule, zero the gradients; return the pre-clipping ``grad_norm`` and the
+        ``learning_rate`` this step used."""
+        lr = sched.get_last_lr()[0]
         params = [p for p in module.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if self.cfg.max_grad_norm > 0:
@@ -146,7 +168,7 @@ class Run:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        return norm
+        return {"grad_norm": norm, "learning_rate": lr}
 
     def check_finite(self, loss: torch.Tensor, step: int) -> None:
         (bad,) = self.sum_all(float(not bool(torch.isfinite(loss.detach()).all())))  # every rank stops together
@@ -204,12 +226,9 @@ class Run:
             self._bar.set_postfix(self._postfix, refresh=False)
 
     def advance(self, step: int) -> None:
-        """After step ``step`` (1-based) is done. ``FASTALIGN_FAULT_KILL_AT_STEP=k`` SIGKILLs the process here at
-        step k (fault injection: the resume tests kill a real run at a known point)."""
+        """After step ``step`` (1-based) is done."""
         if self._bar is not None:
             self._bar.update(1)
-        if step == int(os.environ.get("FASTALIGN_FAULT_KILL_AT_STEP", "0")):
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def say(self, text: str) -> None:
         if not self.main:

@@ -21,6 +21,24 @@ class ConfigError(ValueError):
     """A config file or override that cannot be applied (unknown key, wrong type, bad value)."""
 
 
+def flash_attn_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attention(name: str, device) -> str:
+    """The ``attn_implementation`` to load models with: ``auto`` is ``flash_attention_2`` when flash-attn is
+    installed (the ``[flash]`` extra) and the device is CUDA, else ``sdpa`` (PyTorch's
+    scaled_dot_product_attention)."""
+    if name == "auto":
+        return "flash_attention_2" if device.type == "cuda" and flash_attn_installed() else "sdpa"
+    if name == "flash_attention_2" and device.type != "cuda":
+        raise ConfigError(f"attn_implementation must be auto, sdpa or eager on device {device}; got "
+                          f"flash_attention_2 (flash-attn runs on CUDA only)")
+    return name
+
+
 @dataclass
 class TrainConfig:
     """Options shared by every command."""
@@ -49,6 +67,9 @@ class TrainConfig:
     attn_implementation: str = field(default="auto", metadata={
         "help": "auto: flash_attention_2 when flash-attn is installed (the [flash] extra) and the device is CUDA, "
                 "else sdpa; or sdpa, eager, flash_attention_2"})
+    check_model: bool = field(default=True, metadata={
+        "help": "at load, compare fastalign's fused log-probabilities with the model's own logits on two short "
+                "sequences and refuse a model where they disagree (an unsupported logit transform)"})
     skip_bad_rows: bool = field(default=False, metadata={
         "help": "skip malformed rows (each one counted and reported) instead of stopping at the first"})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "sequences (pairs) per micro-batch"})
@@ -140,6 +161,22 @@ class DPOConfig(TrainConfig):
                 "defaults) on sft_data and start DPO from the result; ignored for a real model"})
 
 
+# What a warm-start SFT run sets itself (its data, schedule and output) rather than take from the command that
+# starts it; every other option (device, precision, packing, logging, checks...) is inherited.
+WARM_START_OWN = ("model", "tokenizer", "data", "eval_data", "output_dir", "per_device_train_batch_size",
+                  "gradient_accumulation_steps", "max_steps", "learning_rate", "weight_decay", "adam_beta1",
+                  "adam_beta2", "warmup_steps", "max_grad_norm", "eval_steps", "save_steps", "logging_steps",
+                  "resume", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+
+
+def warm_start_config(cfg: TrainConfig, **own) -> SFTConfig:
+    """The SFT config of a warm start for the run ``cfg``: every option ``SFTConfig`` shares with ``cfg`` and
+    does not list in ``WARM_START_OWN`` is ``cfg``'s; those in it take the SFT defaults, then ``own``."""
+    inherited = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SFTConfig)
+                 if f.name not in WARM_START_OWN and hasattr(cfg, f.name)}
+    return make_config(SFTConfig, {**inherited, **own}, "sft")
+
+
 def _base_type(tp):
     """``(origin, arg)`` for a field type: ``(int, None)``, ``(list, float)``; Optional is unwrapped."""
     origin = typing.get_origin(tp)
@@ -201,8 +238,6 @@ def _validate(cfg, command: str) -> None:
               ("distributed", not (isinstance(cfg, RMConfig) and cfg.distributed == "fsdp"),
                "ddp for rm (FSDP2 is supported by sft and dpo)")]
     if cfg.attn_implementation == "flash_attention_2":
-        from fastalign.train.model import flash_attn_installed
-
         checks.append(("attn_implementation", flash_attn_installed(),
                        "auto, sdpa or eager: flash-attn is not installed (pip install 'fastalign[flash]')"))
     if cfg.packing:

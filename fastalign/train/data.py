@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from fastalign.train.model import ASSETS
+from fastalign.assets import ASSETS, EMBEDDED
+from fastalign.hf import final_hidden
 
 EMBEDDED_DATA = {"sft": "sft_train.jsonl", "pref": "pref_train.jsonl"}
 EMBEDDED_EVAL = {"sft": "eval.jsonl", "pref": "pref_eval.jsonl"}
@@ -50,9 +51,26 @@ class Skipped:
 
 def resolve_data(path: str, kind: str, eval_set: bool = False) -> str:
     """``"embedded"`` -> the asset file for ``kind`` ("sft" or "pref"); other paths unchanged."""
-    if path == "embedded":
+    if path == EMBEDDED:
         return str(ASSETS / "data" / (EMBEDDED_EVAL if eval_set else EMBEDDED_DATA)[kind])
     return path
+
+
+def setup_data(cfg, kind: str, encode_row, say, tok):
+    """``(train, held_out, prompts, skipped)`` of a run: its training and held-out examples (``kind`` "sft" or
+    "pref", encoded by ``encode_row``), the exact-match prompts, and the record of skipped rows (reported through
+    ``say``). With ``data=embedded``, the held-out and exact-match sets default to the embedded ones."""
+    enc = Encoder(tok, cfg.max_length, cfg.truncation_mode)
+    skipped = Skipped()
+    train = load_examples(resolve_data(cfg.data, kind), encode_row, enc, cfg.skip_bad_rows, skipped)
+    embedded = cfg.data == EMBEDDED
+    eval_path = cfg.eval_data or (resolve_data(EMBEDDED, kind, eval_set=True) if embedded else "")
+    held_out = load_examples(eval_path, encode_row, enc, cfg.skip_bad_rows, skipped) if eval_path else []
+    gen_path = cfg.gen_eval_data or (resolve_data(EMBEDDED, "sft", eval_set=True) if embedded else "")
+    prompts = load_prompts(gen_path, enc) if gen_path else []
+    if skipped.rows:
+        say(skipped.report())
+    return train, held_out, prompts, skipped
 
 
 def iter_rows(path: str):
@@ -340,3 +358,38 @@ class BatchStream:
     @property
     def epoch(self) -> float:
         return self.consumed / self.n
+
+
+@torch.no_grad()
+def check_packing(lm, device, autocast) -> None:
+    """Raise when ``lm`` does not keep packed sequences apart.
+
+    Packing relies on the model turning restarting ``position_ids`` into a block-diagonal mask (transformers'
+    masking utilities, >= 4.54) or into flash-attn varlen boundaries. A model that ignores them would let each
+    packed sequence attend to the ones before it in the row, silently. This runs two short random sequences
+    packed and alone, and compares the second one's hidden states.
+    """
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(lm.config.vocab_size, (n,), generator=g).tolist() for n in (7, 5))
+    # one row: a (the longer: first fit by decreasing length), then b
+    batch = to_device(pack([a, b], [a, b]), device)
+    alone_ids = torch.tensor([b], device=device)
+    was_training = lm.training
+    lm.eval()
+    try:
+        with autocast:
+            low_precision = torch.is_autocast_enabled(torch.device(device).type) or lm.dtype != torch.float32
+            packed = final_hidden(lm, batch["input_ids"], None, batch["position_ids"], batch["cu_seqlens"],
+                                  batch["max_seqlen"])[0, len(a):].float()
+            alone = final_hidden(lm, alone_ids, torch.ones_like(alone_ids))[0].float()
+    finally:
+        lm.train(was_training)
+    err, scale = float((packed - alone).abs().max()), float(alone.abs().max())
+    tol = 5e-2 if low_precision else 1e-3  # a leak across sequences changes the hidden states by O(scale)
+    if not err <= tol * max(scale, 1.0):
+        raise RuntimeError(
+            f"packing=true needs a model whose attention keeps packed sequences apart: "
+            f"{type(lm).__name__} with attn_implementation={getattr(lm.config, '_attn_implementation', '?')} "
+            f"gives a packed sequence other hidden states than the same sequence alone (max abs difference "
+            f"{err:.3g}, scale {scale:.3g}). Use packing=false, or a transformers >= 4.54 model built on its "
+            f"masking utilities, or attn_implementation=flash_attention_2.")

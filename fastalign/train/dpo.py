@@ -10,24 +10,17 @@ With ``model=embedded`` the run first fine-tunes the random init with ``sft_warm
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from fastalign.hf import SequenceLogps
 from fastalign.losses.dpo import REFERENCE_FREE, BCORunningMean, dpo_loss
 from fastalign.train.common import Run, exact_match
-from fastalign.train.config import DPOConfig, SFTConfig, make_config
-from fastalign.train.data import Batcher, BatchStream, encode_pref_row, to_device
-from fastalign.train.model import (
-    EMBEDDED,
-    SequenceLogps,
-    load_model,
-    load_policy,
-    load_tokenizer,
-    model_fingerprint,
-)
-from fastalign.train.sft import setup_data, train_sft
+from fastalign.train.config import DPOConfig
+from fastalign.train.data import Batcher, BatchStream, encode_pref_row, setup_data, to_device
+from fastalign.train.model import load_model, load_policy, load_tokenizer, model_fingerprint
+from fastalign.train.sft import warm_start
 
 
 def loss_options(cfg: DPOConfig) -> dict:
@@ -90,6 +83,44 @@ def evaluate(policy, ref, held_out, held_out_ref, cfg: DPOConfig, run: Run, batc
     return {"eval_loss": float(loss), **{f"eval_{k}": float(v) for k, v in metrics.items()}}
 
 
+class Reference:
+    """The DPO reference: none (reference-free loss types), log-probabilities precomputed once
+    (``precompute_ref_log_probs``), or a frozen or moving copy of the starting model (``sync_ref_model``)."""
+
+    def __init__(self, cfg: DPOConfig, run: Run, start_model: str, resume_path, train, held_out, batcher: Batcher):
+        self.cfg, self.lm, self.module, self.train, self.held_out = cfg, None, None, None, None
+        if all(t in REFERENCE_FREE for t in cfg.loss_type):
+            return
+        moving = cfg.sync_ref_model and resume_path is not None
+        lm = load_model(str(resume_path / "ref") if moving else start_model, seed=cfg.seed, dtype=cfg.torch_dtype,
+                        attn_implementation=run.attn).eval()
+        lm.requires_grad_(False)
+        if cfg.precompute_ref_log_probs:
+            cache = Path(cfg.output_dir) / "cache"
+            self.train = cached_ref_logps(lm, train, run, batcher, cache)
+            self.held_out = cached_ref_logps(lm, held_out, run, batcher, cache) if held_out else None
+        else:
+            self.lm, self.module = lm, SequenceLogps(lm).to(run.device)
+
+    @torch.no_grad()
+    def logps(self, idx, batch, run: Run):
+        """``(chosen, rejected)`` reference log-probabilities of the pairs ``idx`` (in ``batch``), or None."""
+        if self.train is not None:
+            return self.train[idx, 0], self.train[idx, 1]
+        if self.module is not None:
+            return pair_logps(self.module, batch, run)[:2]
+        return None
+
+    def after_step(self, lm, done: int) -> None:
+        """``sync_ref_model``: every ``ref_model_sync_steps``, ``ref = alpha * policy + (1 - alpha) * ref``."""
+        if self.lm is not None and self.cfg.sync_ref_model and done % self.cfg.ref_model_sync_steps == 0:
+            mix_into(self.lm, lm, self.cfg.ref_model_mixup_alpha)
+
+    def checkpoint_models(self):
+        """What a checkpoint must hold for this reference to resume: the moving copy, if any."""
+        return {"ref": self.lm} if self.lm is not None and self.cfg.sync_ref_model else None
+
+
 @torch.no_grad()
 def mix_into(ref_lm, lm, alpha: float) -> None:
     """``ref = alpha * policy + (1 - alpha) * ref``, parameter by parameter (a sharded FSDP2 parameter is
@@ -97,24 +128,6 @@ def mix_into(ref_lm, lm, alpha: float) -> None:
     for r, p in zip(ref_lm.parameters(), lm.parameters()):
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
         r.lerp_(full.to(r.dtype), alpha)
-
-
-def sft_warm_start(cfg: DPOConfig, run: Run) -> str:
-    """Fine-tune the embedded random init on ``sft_data`` first (kept in ``<output_dir>/sft_warmup``)."""
-    out = Path(cfg.output_dir) / "sft_warmup"
-    if (out / "summary.json").exists() and (out / "final" / "model.safetensors").exists():
-        run.say(f"dpo: reusing the SFT warm start in {out}")
-        return str(out / "final")
-    keep = ("max_length", "truncation_mode", "seed", "device", "bf16", "report_to_tensorboard", "plots",
-            "progress_bar", "skip_bad_rows", "max_new_tokens", "cpu_threads", "distributed", "packing",
-            "attn_implementation")
-    sft_cfg = make_config(SFTConfig, {k: getattr(cfg, k) for k in keep}, "sft")
-    sft_cfg = replace(sft_cfg, model=EMBEDDED, data=cfg.sft_data, max_steps=cfg.sft_warmup_steps,
-                      output_dir=str(out), resume="latest" if cfg.resume else "",
-                      eval_data="" if cfg.sft_data != "embedded" else sft_cfg.eval_data,
-                      gen_eval_data=cfg.gen_eval_data, save_steps=0, eval_steps=0)
-    run.say(f"dpo: model=embedded is a random init: SFT warm start for {cfg.sft_warmup_steps} steps into {out}")
-    return train_sft(sft_cfg)["final_model"]
 
 
 def train_dpo(cfg: DPOConfig) -> dict:
@@ -128,35 +141,22 @@ def train_dpo(cfg: DPOConfig) -> dict:
         >>> summary["eval_rewards/accuracies after"]
     """
     run = Run(cfg, "dpo")
-    start_model = cfg.model
-    if cfg.model == EMBEDDED and cfg.sft_warmup_steps > 0:
-        start_model = sft_warm_start(cfg, run)
+    start_model = warm_start(cfg, run)
     tok = load_tokenizer(cfg.tokenizer or start_model)
-    train, held_out, prompts, skipped = setup_data(cfg, "pref", encode_pref_row, run, tok)
+    train, held_out, prompts, skipped = setup_data(cfg, "pref", encode_pref_row, run.say, tok)
     resume_path, state = run.resume_point()
     lm = load_policy(start_model, cfg, resume_path, run.attn)
-    run.check_packing(lm)
+    run.check(lm)
     policy = run.wrap(SequenceLogps(lm))
     batcher = run.batcher(tok)
-
-    # the reference: none (reference-free types), precomputed log-probabilities, or a (moving) copy
-    ref_lm = ref = train_ref = held_out_ref = None
-    if not all(t in REFERENCE_FREE for t in cfg.loss_type):
-        moving = cfg.sync_ref_model and resume_path is not None
-        ref_lm = load_model(str(resume_path / "ref") if moving else start_model, seed=cfg.seed,
-                            dtype=cfg.torch_dtype, attn_implementation=run.attn).eval()
-        ref_lm.requires_grad_(False)
-        if cfg.precompute_ref_log_probs:
-            cache = Path(cfg.output_dir) / "cache"
-            train_ref = cached_ref_logps(ref_lm, train, run, batcher, cache)
-            held_out_ref = cached_ref_logps(ref_lm, held_out, run, batcher, cache) if held_out else None
-            ref_lm = None
-        else:
-            ref = SequenceLogps(ref_lm).to(run.device)
-
+    ref = Reference(cfg, run, start_model, resume_path, train, held_out, batcher)
     opt, sched = run.optimizer(policy.parameters())
     stream = BatchStream(len(train), cfg.seed, rank=run.rank, world=run.world)
     bco = BCORunningMean() if "bco_pair" in cfg.loss_type else None
+
+    def evaluate_now():
+        return evaluate(policy, ref.module, held_out, ref.held_out, cfg, run, batcher)
+
     start, before = 0, {}
     if state is not None:
         run.restore(state, opt, sched)
@@ -167,49 +167,33 @@ def train_dpo(cfg: DPOConfig) -> dict:
         if prompts:
             before["exact_match"] = exact_match(run.generator(lm), tok, prompts, cfg.max_new_tokens)
         if held_out:
-            before.update(evaluate(policy, ref, held_out, held_out_ref, cfg, run, batcher))
-        run.say(f"dpo: before training: {_brief(before)}")
+            before.update(evaluate_now())
+        if before:
+            run.say(f"dpo: before training: {_brief(before)}")
         run.log(0, {k: v for k, v in before.items() if k.startswith("eval_")})
+
+    def loss_of(_):
+        idx = stream.next(cfg.per_device_train_batch_size)
+        batch = batcher.pref([train[i] for i in idx])
+        return dpo_batch_loss(policy, batch, ref.logps(idx, batch, run), cfg, run, bco)
 
     run.progress(start)
     for step in range(start, cfg.max_steps):
-        accum = cfg.gradient_accumulation_steps
-        sums: dict[str, float] = {}
-        for _ in range(accum):
-            idx = stream.next(cfg.per_device_train_batch_size)
-            batch = batcher.pref([train[i] for i in idx])
-            if train_ref is not None:
-                ref_logps = (train_ref[idx, 0], train_ref[idx, 1])
-            elif ref is not None:
-                with torch.no_grad():
-                    ref_logps = pair_logps(ref, batch, run)[:2]
-            else:
-                ref_logps = None
-            loss, metrics = dpo_batch_loss(policy, batch, ref_logps, cfg, run, bco)
-            run.check_finite(loss, step)
-            (loss / accum).backward()  # every micro-batch has as many pairs: the cycle's mean over pairs
-            for k, v in {"loss": loss.detach(), **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / accum
-        grad_norm = run.step(policy, opt, sched)
+        metrics = run.accumulate(step, cfg.gradient_accumulation_steps, loss_of)  # the cycle's mean over pairs
+        metrics.update(run.step(policy, opt, sched))
         done = step + 1
-        if ref_lm is not None and cfg.sync_ref_model and done % cfg.ref_model_sync_steps == 0:
-            mix_into(ref_lm, lm, cfg.ref_model_mixup_alpha)
-        metrics = run.mean_metrics(sums)
+        ref.after_step(lm, done)
         if run.every(cfg.logging_steps, done):
-            run.log(done, {**metrics, "grad_norm": grad_norm, "learning_rate": sched.get_last_lr()[0],
-                           "epoch": stream.epoch}, show=("loss", "rewards/accuracies", "rewards/margins"))
+            run.log(done, {**metrics, "epoch": stream.epoch}, show=("loss", "rewards/accuracies", "rewards/margins"))
         if held_out and run.every(cfg.eval_steps, done):
-            run.log(done, evaluate(policy, ref, held_out, held_out_ref, cfg, run, batcher),
-                    show=("eval_rewards/accuracies",))
+            run.log(done, evaluate_now(), show=("eval_rewards/accuracies",))
         if run.every(cfg.save_steps, done):
-            moving = {"ref": ref_lm} if ref_lm is not None and cfg.sync_ref_model else None
             run.save(done, lm, tok, opt, sched, stream.consumed,
-                     {"before": before, "bco": None if bco is None else bco.state_dict()}, moving)
+                     {"before": before, "bco": None if bco is None else bco.state_dict()}, ref.checkpoint_models())
         run.advance(done)
 
     summary = {"steps": cfg.max_steps, "start_model": start_model, "final_model": str(run.save_final(lm, tok))}
-    after = dict(run.history[-1]) if held_out and run.history else {}
-    after.pop("step", None)
+    after = {k: v for k, v in run.history[-1].items() if k != "step"} if held_out and run.history else {}
     if prompts:
         after["exact_match"] = exact_match(run.generator(lm), tok, prompts, cfg.max_new_tokens)
     for k in ("exact_match", "eval_rewards/accuracies", "eval_rewards/margins", "eval_loss"):
@@ -226,5 +210,3 @@ def train_dpo(cfg: DPOConfig) -> dict:
 def _brief(metrics: dict) -> str:
     keys = ("exact_match", "eval_loss", "eval_rewards/accuracies")
     return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if k in metrics)
-
-

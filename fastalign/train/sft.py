@@ -2,41 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from fastalign.assets import EMBEDDED
+from fastalign.hf import SequenceLogps
 from fastalign.train.common import Run, exact_match
-from fastalign.train.config import SFTConfig
-from fastalign.train.data import (
-    Batcher,
-    BatchStream,
-    Encoder,
-    Skipped,
-    encode_sft_row,
-    load_examples,
-    load_prompts,
-    resolve_data,
-    to_device,
-)
-from fastalign.train.model import SequenceLogps, load_policy, load_tokenizer
+from fastalign.train.config import SFTConfig, warm_start_config
+from fastalign.train.data import Batcher, BatchStream, encode_sft_row, setup_data, to_device
+from fastalign.train.model import load_policy, load_tokenizer
 
 
 def count_targets(batch: dict) -> int:
     """Number of scored (next-token) positions of a batch."""
     return int((batch["labels"][:, 1:] != -100).sum())
-
-
-def setup_data(cfg, kind: str, encode_row, run: Run, tok):
-    """Training examples, held-out examples, exact-match prompts and the skip record of a run."""
-    enc = Encoder(tok, cfg.max_length, cfg.truncation_mode)
-    skipped = Skipped()
-    train = load_examples(resolve_data(cfg.data, kind), encode_row, enc, cfg.skip_bad_rows, skipped)
-    eval_path = cfg.eval_data or (resolve_data("embedded", kind, eval_set=True) if cfg.data == "embedded" else "")
-    held_out = load_examples(eval_path, encode_row, enc, cfg.skip_bad_rows, skipped) if eval_path else []
-    gen_path = cfg.gen_eval_data or (resolve_data("embedded", "sft", eval_set=True) if cfg.data == "embedded" else "")
-    prompts = load_prompts(gen_path, enc) if gen_path else []
-    if skipped.rows:
-        run.say(skipped.report())
-    return train, held_out, prompts, skipped
 
 
 @torch.no_grad()
@@ -64,10 +44,10 @@ def train_sft(cfg: SFTConfig) -> dict:
     run = Run(cfg, "sft")
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     encode = encode_sft_row if cfg.completion_only_loss else _full_sequence_loss
-    train, held_out, prompts, skipped = setup_data(cfg, "sft", encode, run, tok)
+    train, held_out, prompts, skipped = setup_data(cfg, "sft", encode, run.say, tok)
     resume_path, state = run.resume_point()
     lm = load_policy(cfg.model, cfg, resume_path, run.attn)
-    run.check_packing(lm)
+    run.check(lm)
     policy = run.wrap(SequenceLogps(lm))
     batcher = run.batcher(tok)
     opt, sched = run.optimizer(policy.parameters())
@@ -86,20 +66,17 @@ def train_sft(cfg: SFTConfig) -> dict:
                  for _ in range(cfg.gradient_accumulation_steps)]
         # the token-mean over the whole accumulation cycle and all ranks: each micro-batch adds its token sum
         (n_tokens,) = run.sum_all(sum(count_targets(mb) for mb in micro))
-        loss_sum = 0.0
-        for mb in micro:
+
+        def loss_of(i, micro=micro, n_tokens=n_tokens):
             with run.autocast():
-                logps, _ = policy(**to_device(mb, run.device))
-            loss = -logps.sum() * run.world / n_tokens
-            run.check_finite(loss, step)
-            loss.backward()
-            loss_sum += float(loss.detach()) / run.world
-        grad_norm = run.step(policy, opt, sched)
-        (loss_all,) = run.sum_all(loss_sum)
+                logps, _ = policy(**to_device(micro[i], run.device))
+            return -logps.sum() * run.world / n_tokens, {}
+
+        metrics = run.accumulate(step, len(micro), loss_of, reduce="sum")
+        metrics.update(run.step(policy, opt, sched))
         done = step + 1
         if run.every(cfg.logging_steps, done):
-            run.log(done, {"loss": loss_all, "grad_norm": grad_norm, "learning_rate": sched.get_last_lr()[0],
-                           "num_tokens": n_tokens, "epoch": stream.epoch}, show=("loss",))
+            run.log(done, {**metrics, "num_tokens": n_tokens, "epoch": stream.epoch}, show=("loss",))
         if held_out and run.every(cfg.eval_steps, done):
             run.log(done, {"eval_loss": sft_eval_loss(policy, held_out, run, 256, batcher)},
                     show=("eval_loss",))
@@ -116,6 +93,25 @@ def train_sft(cfg: SFTConfig) -> dict:
     if skipped.rows:
         summary["skipped_rows"] = len(skipped.rows)
     return run.finish(summary, [["loss", "eval_loss"], ["grad_norm"], ["learning_rate"]])
+
+
+def warm_start(cfg, run: Run) -> str:
+    """The model a ``cfg.model=embedded`` run starts from: its random init fine-tuned on ``sft_data`` for
+    ``sft_warmup_steps`` (:func:`fastalign.train.config.warm_start_config`: the SFT defaults for data, schedule and
+    output, the run's own options for the rest), kept in ``<output_dir>/sft_warmup`` and reused when complete.
+    A real model (or ``sft_warmup_steps=0``) starts as it is."""
+    if cfg.model != EMBEDDED or cfg.sft_warmup_steps <= 0:
+        return cfg.model
+    out = Path(cfg.output_dir) / "sft_warmup"
+    if (out / "summary.json").exists() and (out / "final" / "model.safetensors").exists():
+        run.say(f"{run.command}: reusing the SFT warm start in {out}")
+        return str(out / "final")
+    sft_cfg = warm_start_config(cfg, model=EMBEDDED, data=cfg.sft_data, max_steps=cfg.sft_warmup_steps,
+                                output_dir=str(out), resume="latest" if cfg.resume else "", save_steps=0,
+                                eval_steps=0)
+    run.say(f"{run.command}: model=embedded is a random init: SFT warm start for {cfg.sft_warmup_steps} steps "
+            f"into {out}")
+    return train_sft(sft_cfg)["final_model"]
 
 
 def _full_sequence_loss(enc, row, where):

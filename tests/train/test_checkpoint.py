@@ -12,13 +12,16 @@ import torch
 from safetensors.torch import load_file
 from trainhelp import quick
 
+from fastalign.hf import SequenceLogps
 from fastalign.train import DPOConfig, SFTConfig, train_dpo, train_sft
 from fastalign.train.checkpoint import CheckpointError, list_checkpoints, verify
 from fastalign.train.common import TrainingDiverged
 from fastalign.train.config import make_config
-from fastalign.train.model import SequenceLogps
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+KILL_AT_STEP = Path(__file__).with_name("kill_at_step.py")
 
 
 def weights(run_dir):
@@ -44,8 +47,8 @@ def test_killed_run_resumes_bitwise(tmp_path, small_data, kind, lora):
     fn(make_config(cls, whole, kind))
 
     cut = quick(tmp_path / "cut", small_data, kind, **common)
-    env = {**os.environ, "FASTALIGN_FAULT_KILL_AT_STEP": "3", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "fastalign.cli", kind, *cli_args(cut)], env=env, cwd=tmp_path,
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(KILL_AT_STEP), "3", kind, *cli_args(cut)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILLed after step 3, before the step-4 save
     assert [p.name for p in list_checkpoints(cut["output_dir"])] == ["checkpoint-000002"]

@@ -62,7 +62,7 @@ def test_fsdp_sft_killed_and_resumed_matches_single_process(tmp_path, small_data
     common = {"max_steps": 4, "device": "cpu", "save_steps": 1}
     single = single_runs(tmp_path, small_data, "sft", train_sft, SFTConfig, **common)
     two = quick(tmp_path / "fsdp", small_data, "sft", per_device_train_batch_size=4, distributed="fsdp", **common)
-    killed = torchrun("sft", two, tmp_path, {"FASTALIGN_FAULT_KILL_AT_STEP": "2"})
+    killed = torchrun("sft", two, tmp_path, kill_at=2)
     assert killed.returncode != 0
     assert "sft step 2" in killed.stdout and "sft step 3" not in killed.stdout
     resumed = torchrun("sft", {**two, "resume": "latest"}, tmp_path)

@@ -9,13 +9,14 @@ from trainhelp import quick
 from transformers import AutoModelForCausalLM
 
 from fastalign import dpo_loss
+from fastalign.hf import RewardModel, SequenceLogps, ValueHead
 from fastalign.testing import assert_close_to_ref
 from fastalign.train import DPOConfig, RMConfig, SFTConfig, train_dpo, train_rm, train_sft
 from fastalign.train.common import Run
 from fastalign.train.config import make_config
 from fastalign.train.data import Encoder, collate_pref, encode_pref_row, load_examples
 from fastalign.train.dpo import dpo_batch_loss, loss_options
-from fastalign.train.model import RewardModel, SequenceLogps, load_model, load_tokenizer, load_value_head
+from fastalign.train.model import load_model, load_tokenizer
 
 
 def metrics_of(out_dir):
@@ -52,7 +53,7 @@ def test_rm_end_to_end(tmp_path, small_data):
     assert rows[0]["step"] == 0 and "eval_accuracy" in rows[0]
     assert {"loss", "accuracy", "margin", "grad_norm"} <= set(train_rows(rows)[0])
     assert summary["eval_accuracy after"] == pytest.approx(rows[-1]["eval_accuracy"], abs=1e-6)
-    head = load_value_head(summary["final_model"], 96)
+    head = ValueHead.load(summary["final_model"], 96)
     rm = RewardModel(AutoModelForCausalLM.from_pretrained(summary["final_model"]), head)
     assert rm(torch.tensor([[1, 20, 21]]), torch.ones(1, 3, dtype=torch.long)).shape == (1,)
 

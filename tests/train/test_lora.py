@@ -6,11 +6,12 @@ import pytest
 import torch
 from trainhelp import quick
 
+from fastalign.hf import SequenceLogps
 from fastalign.testing import assert_close_to_ref
 from fastalign.train import DPOConfig, SFTConfig, train_dpo
 from fastalign.train.config import ConfigError, RMConfig, make_config
 from fastalign.train.data import Encoder, collate_pref, encode_pref_row, load_examples
-from fastalign.train.model import SequenceLogps, load_model, load_tokenizer
+from fastalign.train.model import load_model, load_tokenizer
 
 peft = pytest.importorskip("peft")
 

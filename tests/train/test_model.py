@@ -4,18 +4,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from fastalign.assets import ASSETS
+from fastalign.hf import RewardModel, SequenceLogps, ValueHead, head_options
 from fastalign.testing import assert_close_to_ref
 from fastalign.train.data import Encoder, collate_sft, encode_sft_row
-from fastalign.train.model import (
-    ASSETS,
-    RewardModel,
-    SequenceLogps,
-    lm_head_options,
-    load_model,
-    load_tokenizer,
-    load_value_head,
-    save_value_head,
-)
+from fastalign.train.model import load_model, load_tokenizer
 
 
 def naive_sequence_logps(lm, batch):
@@ -66,9 +59,9 @@ def test_sequence_logps_match_naive_values_and_grads(batch, tied):
 
 def test_head_options_read_softcap_and_logit_scale():
     config = AutoConfig.from_pretrained(str(ASSETS / "model"))
-    assert lm_head_options(config) == {"softcap": None, "logit_scale": 1.0}
+    assert head_options(config) == {"softcap": None, "logit_scale": 1.0}
     config.final_logit_softcapping, config.logit_scale = 30.0, 0.5
-    assert lm_head_options(config) == {"softcap": 30.0, "logit_scale": 0.5}
+    assert head_options(config) == {"softcap": 30.0, "logit_scale": 0.5}
 
 
 def test_embedded_init_is_seeded_and_leaves_the_global_rng_alone():
@@ -86,9 +79,9 @@ def test_reward_model_reads_last_real_token_and_head_round_trips(batch, tmp_path
     scores = rm(batch["input_ids"], batch["attention_mask"])
     hidden = rm.lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
     last = batch["attention_mask"].sum(1) - 1
-    expect = rm.value_head(hidden[torch.arange(3), last]).squeeze(-1)
+    expect = rm.value_head(hidden[torch.arange(3), last])
     assert_close_to_ref(scores, expect.double(), atol=1e-6)
-    save_value_head(rm.value_head, tmp_path)
-    head = load_value_head(tmp_path, rm.lm.config.hidden_size)
+    rm.value_head.save(tmp_path)
+    head = ValueHead.load(tmp_path, rm.lm.config.hidden_size)
     assert torch.equal(head.weight, rm.value_head.weight) and torch.equal(head.bias, rm.value_head.bias)
-    assert load_value_head(tmp_path / "none", 8) is None
+    assert ValueHead.load(tmp_path / "none", 8) is None

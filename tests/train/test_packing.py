@@ -12,19 +12,20 @@ import torch
 import transformers.masking_utils
 from trainhelp import logged, quick
 
+from fastalign.hf import RewardModel, SequenceLogps, scored_positions
 from fastalign.testing import assert_close_to_ref
 from fastalign.train import DPOConfig, RMConfig, SFTConfig, train_dpo, train_rm, train_sft
-from fastalign.train.config import ConfigError, make_config
-from fastalign.train.data import Batcher, Encoder, collate_pref, encode_pref_row, encode_sft_row, pack
-from fastalign.train.model import (
-    RewardModel,
-    SequenceLogps,
+from fastalign.train.config import ConfigError, make_config, resolve_attention
+from fastalign.train.data import (
+    Batcher,
+    Encoder,
     check_packing,
-    load_model,
-    load_tokenizer,
-    packed_targets,
-    resolve_attention,
+    collate_pref,
+    encode_pref_row,
+    encode_sft_row,
+    pack,
 )
+from fastalign.train.model import load_model, load_tokenizer
 
 ROWS = [{"prompt": "12+34=", "completion": "46"}, {"prompt": "9+99=", "completion": "108"},
         {"prompt": "1+1=", "completion": "2"}, {"prompt": "70+5=", "completion": "75"}]
@@ -69,10 +70,10 @@ def test_pack_rows_first_fit_decreasing():
         pack(ids, ids, row_tokens=2)
 
 
-def test_packed_targets_group_each_sequence():
+def test_scored_positions_group_each_sequence():
     labels = torch.tensor([[-100, 6, 7, -100, 9], [-100, 2, -100, -100, 3]])
     seq_ids = torch.tensor([[2, 2, 2, 0, 0], [1, 1, 3, 4, 4]])
-    mask, targets, order, cu = packed_targets(labels, seq_ids, 5)
+    mask, targets, order, cu = scored_positions(labels, seq_ids, 5)
     assert mask.tolist() == [[True, True, False, True], [True, False, False, True]]
     assert targets[order].tolist() == [9, 2, 6, 7, 3] and cu.tolist() == [0, 1, 2, 4, 4, 5]  # sequence 3: none
 
@@ -170,9 +171,9 @@ def test_attention_options_are_checked():
 
 
 def test_flash_attention_needs_flash_attn(monkeypatch):
-    import fastalign.train.model as model
+    import fastalign.train.config as config
 
-    monkeypatch.setattr(model, "flash_attn_installed", lambda: False)
+    monkeypatch.setattr(config, "flash_attn_installed", lambda: False)
     with pytest.raises(ConfigError, match=r"flash-attn is not installed \(pip install 'fastalign\[flash\]'\)"):
         make_config(SFTConfig, {"attn_implementation": "flash_attention_2"}, "sft")
 

@@ -4,7 +4,7 @@ import json
 from itertools import islice
 from pathlib import Path
 
-from fastalign.train.model import ASSETS
+from fastalign.assets import ASSETS
 
 
 def head(name: str, n: int) -> list[dict]:
@@ -33,9 +33,10 @@ def quick(tmp_path, data, kind: str, **over) -> dict:
     return base
 
 
-def torchrun(command: str, over: dict, cwd, env_extra: dict | None = None, nproc: int = 2):
+def torchrun(command: str, over: dict, cwd, env_extra: dict | None = None, nproc: int = 2, kill_at: int = 0):
     """Run ``fastalign <command> key=value...`` under ``torchrun --nproc_per_node nproc`` (CPU, gloo) on a free
-    port; return the finished ``subprocess.CompletedProcess``."""
+    port (``kill_at``: SIGKILLed after that step, by kill_at_step.py); return the finished
+    ``subprocess.CompletedProcess``."""
     import os
     import socket
     import subprocess
@@ -48,7 +49,8 @@ def torchrun(command: str, over: dict, cwd, env_extra: dict | None = None, nproc
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
-           "-m", "fastalign.cli", command, *[f"{k}={v}" for k, v in over.items()]]
+           *([str(Path(__file__).with_name("kill_at_step.py")), str(kill_at)] if kill_at else ["-m", "fastalign.cli"]),
+           command, *[f"{k}={v}" for k, v in over.items()]]
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from fastalign import LinearLogprobs, causal_lm_logprobs
+from fastalign import causal_lm_logprobs, linear_logprobs
+from fastalign.hf import final_hidden, output_head
 from fastalign.ops.logprobs import api
 from fastalign.testing import assert_close_to_ref
 
@@ -47,7 +48,7 @@ def _reference_logprobs(model, ids, mask):
 def test_matches_the_models_own_logits(impl, name, impl_on):
     impl_on(impl, "cpu")
     model, expected = _build(name)
-    assert LinearLogprobs.from_causal_lm(model).options.items() >= expected.items()
+    assert output_head(model).options.items() >= expected.items()
     ids = torch.randint(0, SMALL["vocab_size"], (2, 9))
     mask = torch.ones_like(ids)
     mask[0, -2:] = 0  # right padding
@@ -72,6 +73,10 @@ def test_matches_the_models_own_logits(impl, name, impl_on):
 
 def test_options_override_the_config():
     model, _ = _build("gemma2_softcap")
-    module = LinearLogprobs.from_causal_lm(model, softcap=None, return_entropy=True)
-    assert module.options["softcap"] is None and module.options["return_entropy"] is True
-    assert module.lm_head is model.get_output_embeddings()
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 6))
+    lp, ent = causal_lm_logprobs(model, ids, softcap=None, return_entropy=True)
+    with torch.no_grad():
+        hidden = final_hidden(model, ids)[:, :-1]
+    want_lp, want_ent = linear_logprobs(hidden, model.get_output_embeddings().weight, ids[:, 1:], return_entropy=True)
+    assert torch.equal(lp, want_lp) and torch.equal(ent, want_ent)
+    assert not torch.equal(lp, causal_lm_logprobs(model, ids))  # the config's softcap of 3 matters
