@@ -9,20 +9,25 @@ TRAIN_COMMANDS = {
     "sft": "supervised fine-tuning (prompt/completion or messages rows)",
     "rm": "train a reward model (prompt/chosen/rejected rows)",
     "dpo": "DPO-family preference optimization (prompt/chosen/rejected rows)",
+    "ppo": "PPO with a critic on prompt rows, rewarded by a reward function or a reward model",
 }
 
 
 def _train(command: str, argv: list[str]) -> int:
-    from fastalign.train import DPOConfig, RMConfig, SFTConfig, train_dpo, train_rm, train_sft
+    from fastalign.hf import UnsupportedModelError
+    from fastalign.train import DPOConfig, PPOConfig, RMConfig, SFTConfig, train_dpo, train_ppo, train_rm, train_sft
     from fastalign.train.checkpoint import CheckpointError
     from fastalign.train.common import TrainingDiverged
     from fastalign.train.config import ConfigError, parse_args
     from fastalign.train.data import DataError
+    from fastalign.train.rewards import RewardError
 
-    cls, fn = {"sft": (SFTConfig, train_sft), "rm": (RMConfig, train_rm), "dpo": (DPOConfig, train_dpo)}[command]
+    cls, fn = {"sft": (SFTConfig, train_sft), "rm": (RMConfig, train_rm), "dpo": (DPOConfig, train_dpo),
+               "ppo": (PPOConfig, train_ppo)}[command]
     try:
         fn(parse_args(cls, command, argv, f"fastalign {command}: {TRAIN_COMMANDS[command]}. {cls.__doc__}"))
-    except (ConfigError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError, UnsupportedModelError,
+            RewardError) as e:
         print(f"fastalign {command}: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -1,13 +1,17 @@
-"""The trainer: ``fastalign sft`` / ``rm`` / ``dpo`` on any Hugging Face causal LM, or the embedded default.
+"""The trainer: ``fastalign sft`` / ``rm`` / ``dpo`` / ``ppo`` on any Hugging Face causal LM, or the embedded
+default.
 
-Each command is one readable loop (``sft.py``, ``rm.py``, ``dpo.py``) over shared parts: typed configs
-(``config.py``), data (``data.py``), the model adapter (``model.py``: hidden states -> ``linear_logprobs``, no
-logits), checkpoints (``checkpoint.py``) and the run environment (``common.py``: ranks, optimizer, logging).
+Each command is one readable loop (``sft.py``, ``rm.py``, ``dpo.py``, ``ppo.py``; the rollouts in ``rollout.py``)
+over shared parts: typed configs (``config.py``), data (``data.py``), model loading and saving (``model.py``; what
+the models compute is :mod:`fastalign.hf`'s: hidden states -> ``linear_logprobs``, no logits), checkpoints
+(``checkpoint.py``) and the run environment (``common.py``: ranks, optimizer, the accumulation step, logging).
 """
 
-from fastalign.train.config import DPOConfig, RMConfig, SFTConfig, TrainConfig
+from fastalign.train.config import DPOConfig, PPOConfig, RMConfig, SFTConfig, TrainConfig
 from fastalign.train.dpo import train_dpo
+from fastalign.train.ppo import train_ppo
 from fastalign.train.rm import train_rm
 from fastalign.train.sft import train_sft
 
-__all__ = ["DPOConfig", "RMConfig", "SFTConfig", "TrainConfig", "train_dpo", "train_rm", "train_sft"]
+__all__ = ["DPOConfig", "PPOConfig", "RMConfig", "SFTConfig", "TrainConfig", "train_dpo", "train_ppo", "train_rm",
+           "train_sft"]

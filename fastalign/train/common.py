@@ -125,16 +125,18 @@ class Run:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def optimizer(self, params):
-        """AdamW with a linear warmup then cosine decay to 0 over ``max_steps``."""
+    def optimizer(self, params, lr: float | None = None, total_steps: int | None = None):
+        """AdamW (peak rate ``lr``, default ``learning_rate``) with a linear warmup then cosine decay to 0 over
+        ``total_steps`` optimizer steps (default ``max_steps``)."""
         cfg = self.cfg
-        opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.learning_rate,
+        total = cfg.max_steps if total_steps is None else total_steps
+        opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.learning_rate if lr is None else lr,
                                 betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
 
         def factor(step):
             if step < cfg.warmup_steps:
                 return (step + 1) / (cfg.warmup_steps + 1)
-            progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+            progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)

@@ -135,7 +135,17 @@ class RMConfig(TrainConfig):
 
 
 @dataclass
-class DPOConfig(TrainConfig):
+class WarmStartConfig(TrainConfig):
+    """Options of the commands that start from an SFT model (dpo, ppo): with ``model=embedded`` a warm start."""
+
+    sft_data: str = field(default="embedded", metadata={"help": "SFT data of the warm start"})
+    sft_warmup_steps: int = field(default=600, metadata={
+        "help": "with model=embedded (a random init), first run this many SFT steps (the sft command's "
+                "defaults) on sft_data and start from the result; ignored for a real model"})
+
+
+@dataclass
+class DPOConfig(WarmStartConfig):
     """``fastalign dpo``: the DPO family on prompt/chosen/rejected rows."""
 
     max_steps: int = 150
@@ -155,10 +165,6 @@ class DPOConfig(TrainConfig):
         "help": "TR-DPO / EMA reference: every ref_model_sync_steps, ref = alpha * policy + (1 - alpha) * ref"})
     ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "alpha of sync_ref_model (1: hard copy)"})
     ref_model_sync_steps: int = field(default=64, metadata={"help": "steps between reference updates"})
-    sft_data: str = field(default="embedded", metadata={"help": "SFT data of the warm start"})
-    sft_warmup_steps: int = field(default=600, metadata={
-        "help": "with model=embedded (a random init), first run this many SFT steps (the sft command's "
-                "defaults) on sft_data and start DPO from the result; ignored for a real model"})
 
 
 # What a warm-start SFT run sets itself (its data, schedule and output) rather than take from the command that
@@ -175,6 +181,70 @@ def warm_start_config(cfg: TrainConfig, **own) -> SFTConfig:
     inherited = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SFTConfig)
                  if f.name not in WARM_START_OWN and hasattr(cfg, f.name)}
     return make_config(SFTConfig, {**inherited, **own}, "sft")
+
+
+@dataclass
+class PPOConfig(WarmStartConfig):
+    """``fastalign ppo``: PPO with a critic on prompt rows (``prompt``, or chat ``messages``; the ``completion``
+    column, when present, is ignored), rewarded by a reward function or a reward model. One step is one PPO
+    update: rollouts, then ``ppo_epochs`` passes over ``num_mini_batches`` minibatches (one optimizer step each)."""
+
+    max_steps: int = field(default=300, metadata={"help": "PPO updates (each: rollouts + ppo_epochs x "
+                                                 "num_mini_batches optimizer steps)"})
+    learning_rate: float = field(default=5e-4, metadata={"help": "actor (policy) peak learning rate; the study's "
+                                                         "default for real models is 1e-5"})
+    critic_learning_rate: float = field(default=1e-3, metadata={"help": "critic peak learning rate (study: 5e-6)"})
+    warmup_steps: int = 0
+    eval_steps: int = 50
+    save_steps: int = 100
+    logging_steps: int = 1
+    per_device_train_batch_size: int = field(default=64, metadata={
+        "help": "sequences per forward/backward micro-batch (a minibatch is split into micro-batches: gradient "
+                "accumulation)"})
+    rollout_batch_size: int = field(default=128, metadata={
+        "help": "prompts sampled per update on each rank (the study: 512 rollouts per update)"})
+    num_mini_batches: int = field(default=2, metadata={"help": "minibatches (optimizer steps) per PPO epoch"})
+    ppo_epochs: int = field(default=1, metadata={"help": "passes over the rollout batch per update"})
+    reward_fn: str = field(default="embedded", metadata={
+        "help": "'module:function' or 'file.py:function' taking (prompts, completions) lists of str and returning "
+                "one float per completion; 'embedded': the addition task's exact-sum reward; ignored when "
+                "reward_model is given"})
+    reward_model: str = field(default="", metadata={"help": "a reward model saved by `fastalign rm` (its "
+                                                    "final/ directory); overrides reward_fn"})
+    critic_model: str = field(default="", metadata={
+        "help": "initial critic (a model dir; its value_head.safetensors if present); default: the reward model "
+                "when given, else the starting policy with a new value head"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts"})
+    top_k: int = field(default=0, metadata={"help": "sample among the k likeliest tokens (0: all; study: 200)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (1: off)"})
+    missing_eos_penalty: float = field(default=0.0, metadata={
+        "help": "subtracted from the score of a completion that did not end with EOS within max_new_tokens"})
+    reward_clip: float = field(default=20.0, metadata={"help": "clip scores to [-reward_clip, reward_clip] "
+                                                       "(0: off)"})
+    normalize_reward: bool = field(default=False, metadata={"help": "whiten the scores over the rollout batch"})
+    kl_coef: float = field(default=0.02, metadata={"help": "initial KL penalty coefficient (study: 0.1)"})
+    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimate of the penalty: k1 or k3"})
+    target_kl: float = field(default=0.0, metadata={
+        "help": "adaptive KL controller of Ziegler et al. (target KL per sequence; 0: fixed kl_coef)"})
+    kl_horizon: float = field(default=10000.0, metadata={"help": "horizon of the adaptive KL controller"})
+    gamma: float = field(default=1.0, metadata={"help": "GAE discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda (study: 1.0)"})
+    whiten_advantages: bool = field(default=True, metadata={"help": "advantage normalization over the rollout "
+                                                            "batch (all ranks): the study's first factor"})
+    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip (low side)"})
+    cliprange_high: float = field(default=0.0, metadata={"help": "upper clip (clip-higher); 0: = cliprange"})
+    dual_clip: float = field(default=0.0, metadata={"help": "dual-clip bound c > 1 for negative advantages "
+                                                    "(0: off)"})
+    loss_aggregation: str = field(default="token-mean", metadata={
+        "help": "token-mean, seq-mean-token-sum or seq-mean-token-mean"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "value clip (0: plain MSE)"})
+    vf_coef: float = field(default=1.0, metadata={"help": "weight of the value loss (its own optimizer: this only "
+                                                  "scales its gradient)"})
+    entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus weight"})
+    critic_warmup_steps: int = field(default=0, metadata={"help": "updates in which only the critic trains"})
+    ref_ema_decay: float = field(default=0.0, metadata={
+        "help": "EMA reference: after each optimizer step ref = decay * ref + (1 - decay) * policy (the study's "
+                "third factor, e.g. 0.99); 0: frozen reference"})
 
 
 def _base_type(tp):
@@ -267,6 +337,31 @@ def _validate(cfg, command: str) -> None:
                    ("ref_model_sync_steps", cfg.ref_model_sync_steps >= 1, ">= 1"),
                    ("precompute_ref_log_probs", not (cfg.precompute_ref_log_probs and cfg.sync_ref_model),
                     "false when sync_ref_model is true (a moving reference cannot be precomputed)")]
+    if isinstance(cfg, PPOConfig):
+        checks += [("rollout_batch_size", cfg.rollout_batch_size >= 1, ">= 1"),
+                   ("num_mini_batches", 1 <= cfg.num_mini_batches <= cfg.rollout_batch_size,
+                    f"in [1, rollout_batch_size={cfg.rollout_batch_size}]"),
+                   ("ppo_epochs", cfg.ppo_epochs >= 1, ">= 1"), ("temperature", cfg.temperature > 0, "> 0"),
+                   ("top_k", cfg.top_k >= 0, ">= 0"), ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
+                   ("max_new_tokens", cfg.max_new_tokens >= 1, ">= 1"),
+                   ("reward_clip", cfg.reward_clip >= 0, ">= 0"), ("kl_coef", cfg.kl_coef >= 0, ">= 0"),
+                   ("kl_estimator", cfg.kl_estimator in ("k1", "k3"), "k1 or k3"),
+                   ("target_kl", cfg.target_kl >= 0, ">= 0"), ("kl_horizon", cfg.kl_horizon > 0, "> 0"),
+                   ("gamma", 0 <= cfg.gamma <= 1, "in [0, 1]"), ("lam", 0 <= cfg.lam <= 1, "in [0, 1]"),
+                   ("cliprange", 0 < cfg.cliprange < 1, "in (0, 1)"),
+                   ("cliprange_high", cfg.cliprange_high >= 0, ">= 0 (0: = cliprange)"),
+                   ("dual_clip", cfg.dual_clip == 0 or cfg.dual_clip > 1, "0 (off) or > 1"),
+                   ("loss_aggregation", cfg.loss_aggregation in ("token-mean", "seq-mean-token-sum",
+                                                                 "seq-mean-token-mean"),
+                    "token-mean, seq-mean-token-sum or seq-mean-token-mean"),
+                   ("cliprange_value", cfg.cliprange_value >= 0, ">= 0"), ("vf_coef", cfg.vf_coef > 0, "> 0"),
+                   ("critic_learning_rate", cfg.critic_learning_rate >= 0, ">= 0"),
+                   ("critic_warmup_steps", 0 <= cfg.critic_warmup_steps < cfg.max_steps,
+                    f"in [0, max_steps={cfg.max_steps})"),
+                   ("ref_ema_decay", 0 <= cfg.ref_ema_decay < 1, "in [0, 1)"),
+                   ("distributed", cfg.distributed == "ddp", "ddp for ppo (FSDP2 is supported by sft and dpo)"),
+                   ("use_lora", not cfg.use_lora, "false for ppo (LoRA is supported by sft and dpo)"),
+                   ("reward_fn", bool(cfg.reward_fn or cfg.reward_model), "set when reward_model is not")]
     for name, ok, expected in checks:
         if not ok:
             raise ConfigError(f"{command}: {name} must be {expected}; got {getattr(cfg, name)!r}")

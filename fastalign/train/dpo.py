@@ -16,6 +16,7 @@ import torch
 
 from fastalign.hf import SequenceLogps
 from fastalign.losses.dpo import REFERENCE_FREE, BCORunningMean, dpo_loss
+from fastalign.rl.ppo import ema_update_
 from fastalign.train.common import Run, exact_match
 from fastalign.train.config import DPOConfig
 from fastalign.train.data import Batcher, BatchStream, encode_pref_row, setup_data, to_device
@@ -114,20 +115,11 @@ class Reference:
     def after_step(self, lm, done: int) -> None:
         """``sync_ref_model``: every ``ref_model_sync_steps``, ``ref = alpha * policy + (1 - alpha) * ref``."""
         if self.lm is not None and self.cfg.sync_ref_model and done % self.cfg.ref_model_sync_steps == 0:
-            mix_into(self.lm, lm, self.cfg.ref_model_mixup_alpha)
+            ema_update_(self.lm, lm, 1.0 - self.cfg.ref_model_mixup_alpha)
 
     def checkpoint_models(self):
         """What a checkpoint must hold for this reference to resume: the moving copy, if any."""
         return {"ref": self.lm} if self.lm is not None and self.cfg.sync_ref_model else None
-
-
-@torch.no_grad()
-def mix_into(ref_lm, lm, alpha: float) -> None:
-    """``ref = alpha * policy + (1 - alpha) * ref``, parameter by parameter (a sharded FSDP2 parameter is
-    gathered first: every rank calls this)."""
-    for r, p in zip(ref_lm.parameters(), lm.parameters()):
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p
-        r.lerp_(full.to(r.dtype), alpha)
 
 
 def train_dpo(cfg: DPOConfig) -> dict:

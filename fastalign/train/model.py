@@ -80,12 +80,15 @@ def enable_checkpointing(lm) -> None:
 
 
 @torch.no_grad()
-def greedy_complete(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 256) -> list[str]:
-    """Greedy completions (decoded text) of tokenized prompts (evaluation only: generation builds logits)."""
+def generate(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 256,
+             **sampling) -> list[list[int]]:
+    """The tokens ``lm.generate`` adds to each tokenized prompt (KV cache, left-padded batches of ``batch_size``,
+    eval mode, no gradient), cut after the first EOS (kept); ``sampling`` are ``generate``'s options
+    (``do_sample``, ``temperature``, ``top_k``, ``top_p``). Generation builds logits: it only proposes tokens."""
     was_training = lm.training
     lm.eval()
     device = next(lm.parameters()).device
-    pad_id = tokenizer.pad_token_id
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     out = []
     try:
         for i in range(0, len(prompts), batch_size):
@@ -97,11 +100,18 @@ def greedy_complete(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int
                 ids[k, T - len(p):] = torch.tensor(p, dtype=torch.long)
                 mask[k, T - len(p):] = 1
             gen = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                              do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
-            out += tokenizer.batch_decode(gen[:, T:], skip_special_tokens=True)
+                              pad_token_id=pad_id, eos_token_id=eos_id, **sampling)
+            for row in gen[:, T:].tolist():
+                out.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
     finally:
         lm.train(was_training)
     return out
+
+
+def greedy_complete(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 256) -> list[str]:
+    """Greedy completions (decoded text) of tokenized prompts (the exact-match evaluation)."""
+    completions = generate(lm, tokenizer, prompts, max_new_tokens, batch_size, do_sample=False)
+    return tokenizer.batch_decode(completions, skip_special_tokens=True)
 
 
 def model_fingerprint(lm) -> str:

@@ -1,0 +1,127 @@
+"""The rollout step of the online methods (``fastalign ppo``; GRPO and iterative DPO build on it): prompts ->
+sampled completions -> rewards.
+
+Generation uses the model's own ``generate`` (KV cache, temperature / top-k / top-p, EOS stop, no gradient) and
+builds logits: it only proposes tokens. The log-probabilities the losses use are computed afterwards by the fused
+op on the training path (:class:`fastalign.hf.TokenLogps`), never taken from the sampling logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastalign.hf import RewardModel, ValueHead
+from fastalign.train.data import DataError, Encoder, _field, iter_rows, to_device
+from fastalign.train.model import generate, load_model, load_tokenizer
+from fastalign.train.rewards import call_reward_fn, load_reward_fn
+
+
+@dataclass
+class Prompt:
+    """A rollout prompt: its token ids (as generation starts from them), its text, and the row's reference
+    answer when the data has one (``completion``; used by the exact-match evaluation, never by the rollouts)."""
+
+    ids: list[int]
+    text: str
+    answer: str | None = None
+
+
+def load_prompt_rows(path: str, enc: Encoder, max_prompt_length: int) -> list[Prompt]:
+    """The prompts of ``prompt`` (text or chat messages) rows; a prompt longer than ``max_prompt_length`` tokens
+    (the budget ``max_length - max_new_tokens``) raises a :class:`DataError` naming its row."""
+    out = []
+    for where, row in iter_rows(path):
+        if isinstance(row, DataError):
+            raise row
+        prompt = _field(row, "prompt", where)
+        ids = enc.prompt_ids(prompt)
+        if len(ids) > max_prompt_length:
+            raise DataError(f"{where}: the prompt is {len(ids)} tokens; at most max_length - max_new_tokens = "
+                            f"{max_prompt_length} fit (raise max_length or shorten the prompt)")
+        text = prompt if isinstance(prompt, str) else enc.tok.decode(ids, skip_special_tokens=True)
+        answer = row.get("completion")
+        out.append(Prompt(ids, text, None if answer is None else str(answer).strip()))
+    if not out:
+        raise DataError(f"{path}: no prompt rows")
+    return out
+
+
+@dataclass
+class Rollouts:
+    """One batch of sampled completions: ``examples[i] = (prompt + completion ids, labels)`` with labels -100 on
+    the prompt (the trainer's example format), the decoded completions, whether each ended with EOS, and the
+    scores ``[S]`` float32."""
+
+    prompts: list[Prompt]
+    completions: list[list[int]]
+    texts: list[str]
+    ended: list[bool]
+    scores: torch.Tensor | None = None
+
+    @property
+    def examples(self) -> list[tuple[list[int], list[int]]]:
+        return [(p.ids + c, [-100] * len(p.ids) + c) for p, c in zip(self.prompts, self.completions)]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c) for c in self.completions)
+
+
+@torch.no_grad()
+def sample(lm, tokenizer, prompts: list[Prompt], *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0, seed: int = 0, batch_size: int = 256) -> Rollouts:
+    """Sample one completion per prompt from ``lm`` (left-padded batches), with the torch RNG seeded by ``seed``
+    for this call only (the global RNG is left as it was): the same model, prompts and seed give the same samples,
+    so a resumed run samples what the interrupted one would have. A completion keeps its EOS token when it has one
+    and ends there; one that reaches ``max_new_tokens`` without EOS is kept as it is (``ended`` False)."""
+    device = next(lm.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _sample(lm, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, batch_size)
+
+
+def _sample(lm, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, batch_size) -> Rollouts:
+    completions = generate(lm, tokenizer, [p.ids for p in prompts], max_new_tokens, batch_size, do_sample=True,
+                           temperature=temperature, top_k=top_k or None, top_p=top_p)
+    ended = [bool(c) and c[-1] == tokenizer.eos_token_id for c in completions]
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    return Rollouts(list(prompts), completions, texts, ended)
+
+
+class Rewarder:
+    """Scores of completions: a reward function (``reward_fn``: ``module:function``, ``file.py:function`` or
+    ``embedded``) or a reward model from ``fastalign rm`` (``reward_model``), which must share the policy's
+    tokenizer (checked)."""
+
+    def __init__(self, cfg, tokenizer, run, batcher):
+        self.run, self.batcher, self.model, self.fn = run, batcher, None, None
+        if cfg.reward_model:
+            rm_tok = load_tokenizer(cfg.reward_model)
+            if rm_tok.get_vocab() != tokenizer.get_vocab():
+                raise DataError(f"reward_model {cfg.reward_model}: its tokenizer differs from the policy's "
+                                f"({len(rm_tok.get_vocab())} vs {len(tokenizer.get_vocab())} tokens, or other ids); "
+                                f"the reward model must score the policy's tokens")
+            lm = load_model(cfg.reward_model, dtype=cfg.torch_dtype, attn_implementation=run.attn)
+            head = ValueHead.load(cfg.reward_model, lm.config.hidden_size)
+            if head is None:
+                raise FileNotFoundError(f"reward_model {cfg.reward_model} has no value_head.safetensors: give the "
+                                        f"final/ directory of a `fastalign rm` run")
+            self.model = RewardModel(lm, head).to(run.device).eval().requires_grad_(False)
+            self.name = f"reward_model {cfg.reward_model}"
+        else:
+            self.fn, self.name = load_reward_fn(cfg.reward_fn), f"reward_fn {cfg.reward_fn}"
+
+    @torch.no_grad()
+    def __call__(self, rollouts: Rollouts) -> torch.Tensor:
+        """``[S]`` float32 scores on the CPU."""
+        if self.fn is not None:
+            return call_reward_fn(self.fn, [p.text for p in rollouts.prompts], rollouts.texts, self.name)
+        scores = []
+        examples = rollouts.examples
+        for i in range(0, len(examples), 64):
+            batch = self.batcher.sft(examples[i:i + 64])
+            with self.run.autocast():
+                scores.append(self.model(**to_device(batch, self.run.device)).float().cpu())
+        return torch.cat(scores)
