@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -98,6 +99,31 @@ def subprocess_peak_rss_mib(code: str, *, timeout: float = 600) -> dict:
     result = json.loads(lines[-2])
     result["peak_rss_mib"] = float(lines[-1].split()[1])
     return result
+
+
+_CLI_WITH_PEAK = ("import json, resource, sys\n"
+                  "from fastalign.cli import main\n"
+                  "rc = main(sys.argv[2:])\n"
+                  "open(sys.argv[1], 'w').write(json.dumps({'rc': rc, 'peak_rss_mib': "
+                  "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+                  "sys.exit(rc)\n")
+
+
+def fastalign_command(command: str, cwd, **over) -> dict:
+    """Run ``fastalign <command> key=value...`` in a fresh process in ``cwd`` (without a progress bar), as a user
+    would: its summary, wall time and peak RSS. A failed run raises with the end of its stderr."""
+    shown = [f"{k}={v}" for k, v in over.items()]
+    peak_file = Path(cwd) / f".peak-{command}-{os.getpid()}.json"
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", _CLI_WITH_PEAK, str(peak_file), command, "progress_bar=false",
+                          *shown], cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"fastalign {command} {' '.join(shown)} failed:\n{out.stderr[-4000:]}")
+    run_dir = Path(cwd) / over.get("output_dir", f"runs/{command}")
+    return {"command": " ".join(["fastalign", command, *shown]), "wall_seconds": round(wall, 2),
+            "peak_rss_mib": round(json.loads(peak_file.read_text())["peak_rss_mib"], 1),
+            "summary": json.loads((run_dir / "summary.json").read_text()), "output_dir": str(run_dir)}
 
 
 def current_rss_mib() -> float:

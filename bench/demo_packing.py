@@ -16,26 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench import _harness
 
 
 def fastalign(command: str, cwd: Path, **over) -> dict:
-    """Run ``python -m fastalign.cli command key=value...`` in ``cwd``; its summary and wall time."""
-    args = [sys.executable, "-m", "fastalign.cli", command, "progress_bar=false",
-            *[f"{k}={v}" for k, v in over.items()]]
-    t0 = time.perf_counter()
-    subprocess.run(args, cwd=cwd, check=True, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    out = Path(cwd) / over["output_dir"]
-    return {"command": " ".join(["fastalign", command, *[f"{k}={v}" for k, v in over.items()]]),
-            "wall_seconds": round(wall, 2),
-            "summary": json.loads((out / "summary.json").read_text()), "output_dir": str(out)}
+    return _harness.fastalign_command(command, cwd, **over)
 
 
 def logged(run_dir: str, key: str) -> dict[int, float]:

@@ -191,7 +191,7 @@ class PPOConfig(WarmStartConfig):
 
     max_steps: int = field(default=300, metadata={"help": "PPO updates (each: rollouts + ppo_epochs x "
                                                  "num_mini_batches optimizer steps)"})
-    learning_rate: float = field(default=5e-4, metadata={"help": "actor (policy) peak learning rate; the study's "
+    learning_rate: float = field(default=1e-3, metadata={"help": "actor (policy) peak learning rate; the study's "
                                                          "default for real models is 1e-5"})
     critic_learning_rate: float = field(default=1e-3, metadata={"help": "critic peak learning rate (study: 5e-6)"})
     warmup_steps: int = 0

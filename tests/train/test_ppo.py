@@ -160,3 +160,17 @@ def test_a_reward_model_with_another_tokenizer_is_refused(tmp_path, small_data):
     vocab_file.write_text(json.dumps(tok))
     with pytest.raises(DataError, match="its tokenizer differs from the policy's"):
         train_ppo(make_config(PPOConfig, ppo_over(tmp_path, small_data, reward_model=rm["final_model"]), "ppo"))
+
+
+def test_ppo_under_torchrun_two_processes(tmp_path, small_data):
+    from trainhelp import torchrun
+
+    over = ppo_over(tmp_path, small_data, max_steps=2, rollout_batch_size=6, device="cpu", save_steps=2)
+    proc = torchrun("ppo", over, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("== ppo summary") == 1  # rank 0 reports
+    rows = rows_of(over["output_dir"])
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["policy/ratio_max_abs_dev_first_minibatch"] == 0.0 for r in rows)
+    # the advantages were whitened over both ranks' tokens, the metrics averaged over ranks; the final model saved
+    assert (Path(over["output_dir"]) / "final" / "critic" / "model.safetensors").exists()
