@@ -58,3 +58,14 @@ def test_cli_reports_errors_without_a_traceback(capsys, tmp_path):
 def test_env_command_still_works(capsys):
     assert main(["env"]) in (0, None)
     assert "fastalign" in capsys.readouterr().out
+
+
+def test_the_warm_start_inherits_every_option_but_its_own_schedule():
+    from fastalign.train.config import WARM_START_OWN, DPOConfig, SFTConfig, warm_start_config
+
+    dpo = make_config(DPOConfig, {"packing": True, "check_model": False, "max_new_tokens": 9, "learning_rate": 1e-5,
+                                  "per_device_train_batch_size": 3, "seed": 7}, "dpo")
+    sft = warm_start_config(dpo, max_steps=5)
+    assert (sft.packing, sft.check_model, sft.max_new_tokens, sft.seed) == (True, False, 9, 7)
+    assert sft.learning_rate == SFTConfig.learning_rate and sft.per_device_train_batch_size == 64
+    assert sft.max_steps == 5 and "learning_rate" in WARM_START_OWN

@@ -36,6 +36,8 @@ def test_sft_end_to_end(tmp_path, small_data):
     rows = metrics_of(cfg.output_dir)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert {"loss", "grad_norm", "learning_rate", "num_tokens", "epoch"} <= set(rows[0])
+    # the rate each step used (TRL logs the same): warmup 1/(1+1) of the peak, the peak, then half-way down the cosine
+    assert [r["learning_rate"] for r in rows if "loss" in r] == pytest.approx([1.5e-3, 3e-3, 1.5e-3])
     assert "eval_loss" in rows[-1] and 0 <= summary["exact_match_after"] <= 1
     assert (tmp_path / "run_sft" / "curves.png").stat().st_size > 1000
     if importlib.util.find_spec("tensorboard") is not None:
