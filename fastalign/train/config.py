@@ -53,7 +53,8 @@ class TrainConfig:
     gen_eval_data: str = field(default="", metadata={
         "help": "prompt/completion rows whose greedy generations are scored by exact match before and after "
                 "training (default: the embedded arithmetic set when data=embedded, else none)"})
-    max_new_tokens: int = field(default=6, metadata={"help": "generation length for the exact-match evaluation"})
+    max_new_tokens: int = field(default=6, metadata={"help": "generation length: the exact-match evaluation, and ppo's "
+                                                     "rollouts"})
     output_dir: str = field(default="", metadata={"help": "where checkpoints, metrics and plots go "
                                                   "(default: runs/<command>)"})
     max_length: int = field(default=64, metadata={"help": "max tokens per sequence (prompt + completion)"})
