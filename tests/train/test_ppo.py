@@ -174,3 +174,16 @@ def test_ppo_under_torchrun_two_processes(tmp_path, small_data):
     assert all(r["policy/ratio_max_abs_dev_first_minibatch"] == 0.0 for r in rows)
     # the advantages were whitened over both ranks' tokens, the metrics averaged over ranks; the final model saved
     assert (Path(over["output_dir"]) / "final" / "critic" / "model.safetensors").exists()
+
+
+def test_ppo_on_a_local_hugging_face_model(tmp_path, small_data):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=103, max_position_embeddings=64,
+                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(str(tmp_path / "qwen2"))
+    over = ppo_over(tmp_path, small_data, model=str(tmp_path / "qwen2"), tokenizer="embedded", max_steps=2)
+    summary = train_ppo(make_config(PPOConfig, over, "ppo"))
+    assert summary["start_model"] == str(tmp_path / "qwen2")  # a real model starts as it is: no warm start
+    assert all(r["policy/ratio_max_abs_dev_first_minibatch"] == 0.0 for r in rows_of(over["output_dir"]))
