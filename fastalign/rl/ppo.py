@@ -18,7 +18,7 @@ from fastalign.rl.advantages import gae as _gae_whitened
 from fastalign.rl.kl import KINDS, kl_estimate
 from fastalign.rl.whiten import _all_reduce_sum
 
-__all__ = ["AdaptiveKLController", "FixedKLController", "ema_update_", "ppo_advantages"]
+__all__ = ["AdaptiveKLController", "FixedKLController", "RunningMoments", "ema_update_", "ppo_advantages"]
 
 
 def _check_real(x, name: str, *, low: float = 0.0, low_open: bool = False) -> float:
@@ -175,6 +175,54 @@ class AdaptiveKLController(FixedKLController):
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
+
+
+class RunningMoments:
+    """Running mean and standard deviation of a stream of values (value normalization of the critic's targets).
+
+    ``update(x)`` merges a batch (all elements, of all ranks with ``process_group``) into the running moments by
+    Chan et al.'s parallel formula, exact over everything seen so far: after batches ``x_1..x_k`` the mean and the
+    (population) std are those of their concatenation. ``normalize(x) = (x - mean) / std`` and ``denormalize``
+    undo each other; before any update they are the identity. ``state_dict`` holds three plain floats.
+
+    Example:
+        >>> m = RunningMoments(); m.update(torch.tensor([1.0, 3.0])); m.update(torch.tensor([5.0]))
+        >>> round(m.mean, 6), round(m.std, 6)
+        (3.0, 1.632993)
+    """
+
+    def __init__(self):
+        self.count, self.mean, self.var = 0.0, 0.0, 1.0
+
+    @property
+    def std(self) -> float:
+        return max(self.var, 1e-12) ** 0.5
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, process_group=None) -> None:
+        x = x.detach().double().reshape(-1)
+        n, s = _all_reduce_sum(torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device),
+                                            x.sum()]), process_group).tolist()
+        if n == 0:
+            return
+        mean = s / n
+        (ss,) = _all_reduce_sum(((x - mean) ** 2).sum().reshape(1), process_group).tolist()
+        total = self.count + n
+        delta = mean - self.mean
+        m2 = (self.var * self.count if self.count else 0.0) + ss + delta**2 * self.count * n / total
+        self.count, self.mean, self.var = total, self.mean + delta * n / total, m2 / total
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std if self.count else x
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std + self.mean if self.count else x
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "var": self.var}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.var = (float(state[k]) for k in ("count", "mean", "var"))
 
 
 @torch.no_grad()

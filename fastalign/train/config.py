@@ -97,7 +97,7 @@ class TrainConfig:
                 "decoder layer, then the root with the embeddings and LM head; sft and dpo)"})
     gradient_checkpointing: bool = False
     use_lora: bool = field(default=False, metadata={
-        "help": "train LoRA adapters (peft, the [lora] extra) instead of every weight; sft and dpo; final/ holds "
+        "help": "train LoRA adapters (peft, the [lora] extra) instead of every weight; sft, dpo and ppo; final/ holds "
                 "the merged model and final/adapter the adapter"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (the update is alpha/r B A)"})
@@ -230,6 +230,9 @@ class PPOConfig(WarmStartConfig):
     kl_horizon: float = field(default=10000.0, metadata={"help": "horizon of the adaptive KL controller"})
     gamma: float = field(default=1.0, metadata={"help": "GAE discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda (study: 1.0)"})
+    normalize_values: bool = field(default=False, metadata={
+        "help": "value normalization: the critic regresses the returns normalized by their running mean and std "
+                "(over all updates and ranks), its outputs de-normalized for GAE (the study: on)"})
     whiten_advantages: bool = field(default=True, metadata={"help": "advantage normalization over the rollout "
                                                             "batch (all ranks): the study's first factor"})
     cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip (low side)"})
@@ -319,8 +322,10 @@ def _validate(cfg, command: str) -> None:
 
         checks += [("use_lora", importlib.util.find_spec("peft") is not None,
                     "false: peft is not installed (pip install 'fastalign[lora]')"),
-                   ("use_lora", not isinstance(cfg, RMConfig), "false for rm (LoRA is supported by sft and dpo)"),
+                   ("use_lora", not isinstance(cfg, RMConfig), "false for rm (LoRA is supported by sft, dpo and ppo)"),
                    ("use_lora", cfg.distributed != "fsdp", "false with distributed=fsdp (use ddp with LoRA)"),
+                   ("use_lora", not getattr(cfg, "ref_ema_decay", 0.0),
+                    "false with ref_ema_decay (the EMA reference mixes full weights)"),
                    ("use_lora", not getattr(cfg, "sync_ref_model", False),
                     "false with sync_ref_model (the moving reference mixes full weights)"),
                    ("lora_r", cfg.lora_r >= 1, ">= 1"), ("lora_alpha", cfg.lora_alpha > 0, "> 0"),
@@ -361,7 +366,6 @@ def _validate(cfg, command: str) -> None:
                     f"in [0, max_steps={cfg.max_steps})"),
                    ("ref_ema_decay", 0 <= cfg.ref_ema_decay < 1, "in [0, 1)"),
                    ("distributed", cfg.distributed == "ddp", "ddp for ppo (FSDP2 is supported by sft and dpo)"),
-                   ("use_lora", not cfg.use_lora, "false for ppo (LoRA is supported by sft and dpo)"),
                    ("reward_fn", bool(cfg.reward_fn or cfg.reward_model), "set when reward_model is not")]
     for name, ok, expected in checks:
         if not ok:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from fastalign.hf import TokenLogps, TokenValues, ValueHead
 from fastalign.losses.ppo import ppo_policy_loss, ppo_value_loss
-from fastalign.rl.ppo import AdaptiveKLController, FixedKLController, ema_update_, ppo_advantages
+from fastalign.rl.ppo import AdaptiveKLController, FixedKLController, RunningMoments, ema_update_, ppo_advantages
 from fastalign.rl.whiten import whiten
 from fastalign.train.common import Run, exact_match
 from fastalign.train.config import PPOConfig
@@ -200,6 +200,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     total = cfg.max_steps * steps_per_update
     opt, sched = run.optimizer(models.policy.parameters(), total_steps=total)
     copt, csched = run.optimizer(models.critic.parameters(), lr=cfg.critic_learning_rate, total_steps=total)
+    value_moments = RunningMoments()  # of the returns: the critic's targets with normalize_values
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl
               else FixedKLController(cfg.kl_coef))
     stream = BatchStream(len(prompts), cfg.seed, rank=run.rank, world=run.world)
@@ -209,6 +210,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
         copt.load_state_dict(state["critic_optimizer"])
         csched.load_state_dict(state["critic_scheduler"])
         kl_ctl.load_state_dict(state["kl_controller"])
+        value_moments.load_state_dict(state["value_moments"])
         start, stream.consumed, before = state["step"], state["consumed"], state["before"]
     elif eval_prompts:
         before["exact_match"] = exact_match(models.lm, tok, eval_prompts, cfg.max_new_tokens)
@@ -230,10 +232,16 @@ def train_ppo(cfg: PPOConfig) -> dict:
         lengths = [len(c) for c in ro.completions]
         logps_all = old_lp.packed()
         cu_all = _cu(lengths, logps_all.device)
+        values_all = old_val.packed()  # the critic's outputs: normalized values with normalize_values
+        if cfg.normalize_values:
+            values_all = value_moments.denormalize(values_all)
         adv_all, ret_all, _, stats = ppo_advantages(
-            scores.to(logps_all.device), logps_all, ref_lp.packed(), old_val.packed(), cu_all, kl_coef=kl_ctl.value,
+            scores.to(logps_all.device), logps_all, ref_lp.packed(), values_all, cu_all, kl_coef=kl_ctl.value,
             kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam, whiten_advantages=cfg.whiten_advantages,
             process_group=group)
+        if cfg.normalize_values:  # the critic regresses the returns normalized by their running moments
+            value_moments.update(ret_all, group)
+            ret_all = value_moments.normalize(ret_all)
         adv, ret = TokenStore(S), TokenStore(S)
         adv.put(list(range(S)), adv_all, cu_all)
         ret.put(list(range(S)), ret_all, cu_all)
@@ -289,7 +297,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
         if run.every(cfg.save_steps, done):
             run.save(done, models.lm, tok, opt, sched, stream.consumed,
                      {"before": before, "critic_optimizer": copt.state_dict(), "critic_scheduler": csched.state_dict(),
-                      "kl_controller": kl_ctl.state_dict()}, models.checkpoint_models(cfg))
+                      "kl_controller": kl_ctl.state_dict(), "value_moments": value_moments.state_dict()},
+                     models.checkpoint_models(cfg))
         run.advance(done)
 
     final = run.save_final(models.lm, tok, models.save_critic)

@@ -239,3 +239,22 @@ def test_ema_on_fsdp2_dtensors_in_two_gloo_processes(tmp_path):
         got = torch.load(tmp_path / f"res.{r}")
         for name, t in got.items():
             assert_close_to_ref(t, want64, want32, atol=1e-7, name=f"ema {name} rank {r}")
+
+
+def test_running_moments_equal_the_moments_of_the_concatenation():
+    from fastalign.rl import RunningMoments
+
+    chunks = [torch.randn(n, dtype=torch.float64) * 3 + 2 for n in (5, 1, 17, 8)]
+    m = RunningMoments()
+    x = torch.randn(4)
+    assert torch.equal(m.normalize(x), x) and torch.equal(m.denormalize(x), x)  # identity before any update
+    for k, c in enumerate(chunks, 1):
+        m.update(c)
+        seen = torch.cat(chunks[:k])
+        assert m.mean == pytest.approx(float(seen.mean()), rel=1e-12, abs=1e-12)
+        assert m.std == pytest.approx(float(seen.std(unbiased=False)), rel=1e-12)
+    y = torch.randn(6, dtype=torch.float64)
+    assert torch.allclose(m.denormalize(m.normalize(y)), y)
+    restored = RunningMoments()
+    restored.load_state_dict(m.state_dict())
+    assert restored.state_dict() == m.state_dict()

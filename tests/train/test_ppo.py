@@ -110,7 +110,8 @@ def test_reward_model_route(tmp_path, small_data):
 
 
 def test_killed_run_resumes_bitwise(tmp_path, small_data):
-    common = {"max_steps": 4, "save_steps": 2, "ref_ema_decay": 0.9, "target_kl": 0.05, "gen_eval_data": ""}
+    common = {"max_steps": 4, "save_steps": 2, "ref_ema_decay": 0.9, "target_kl": 0.05, "normalize_values": True,
+              "gen_eval_data": ""}
     whole = ppo_over(tmp_path / "whole", small_data, **common)
     train_ppo(make_config(PPOConfig, whole, "ppo"))
     cut = ppo_over(tmp_path / "cut", small_data, **common)
@@ -187,3 +188,14 @@ def test_ppo_on_a_local_hugging_face_model(tmp_path, small_data):
     summary = train_ppo(make_config(PPOConfig, over, "ppo"))
     assert summary["start_model"] == str(tmp_path / "qwen2")  # a real model starts as it is: no warm start
     assert all(r["policy/ratio_max_abs_dev_first_minibatch"] == 0.0 for r in rows_of(over["output_dir"]))
+
+
+def test_ppo_with_lora_trains_adapters_and_saves_the_merged_policy(tmp_path, small_data):
+    pytest.importorskip("peft")
+    over = ppo_over(tmp_path, small_data, max_steps=2, use_lora=True, lora_r=4, save_steps=1)
+    summary = train_ppo(make_config(PPOConfig, over, "ppo"))
+    final = Path(summary["final_model"])
+    assert (final / "adapter" / "adapter_config.json").exists() and (final / "model.safetensors").exists()
+    assert all(r["policy/ratio_max_abs_dev_first_minibatch"] == 0.0 for r in rows_of(over["output_dir"]))
+    with pytest.raises(ConfigError, match="use_lora must be false with ref_ema_decay"):
+        make_config(PPOConfig, {**over, "ref_ema_decay": 0.9}, "ppo")
