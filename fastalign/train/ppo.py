@@ -154,10 +154,21 @@ class RolloutBatch:
     old_values: TokenStore
 
 
+def micro_weights(minibatch: list[list[int]], lengths: list[int], agg: str, run: Run) -> list[float]:
+    """The weight of each micro-batch's mean loss such that the minibatch's loss is its mean over all tokens
+    (``token-mean``) or sequences (the seq-mean modes) of all ranks: ``count_i * world / total`` (DDP averages the
+    ranks' gradients). The minibatch's gradient then does not depend on how it is split into micro-batches or
+    ranks."""
+    counts = [sum(lengths[j] for j in idx) if agg == "token-mean" else len(idx) for idx in minibatch]
+    (total,) = run.sum_all(float(sum(counts)))
+    return [c * run.world / total for c in counts]
+
+
 def micro_loss(models: PPOModels, cfg: PPOConfig, run: Run, batcher, rb: RolloutBatch, idx: list[int],
-               critic_only: bool, ratio_dev: list | None):
-    """``(loss, metrics)`` of the micro-batch ``idx``: the clipped policy loss (none while the critic warms up)
-    plus ``vf_coef`` times the clipped value loss; appends ``max |ratio - 1|`` to ``ratio_dev`` when given."""
+               weight: float, critic_only: bool, ratio_dev: list | None):
+    """``(loss, metrics)`` of the micro-batch ``idx``, both times ``weight`` (:func:`micro_weights`): the clipped
+    policy loss (none while the critic warms up) plus ``vf_coef`` times the clipped value loss; appends
+    ``max |ratio - 1|`` to ``ratio_dev`` when given."""
     batch = to_device(batcher.sft([rb.examples[j] for j in idx]), run.device)
     old, adv, ret, v_old = (s.packed(idx).to(run.device) for s in (rb.old_logps, rb.advantages, rb.returns,
                                                                    rb.old_values))
@@ -172,7 +183,8 @@ def micro_loss(models: PPOModels, cfg: PPOConfig, run: Run, batcher, rb: Rollout
                             agg=cfg.loss_aggregation)
     if ratio_dev is not None:
         ratio_dev.append(float((torch.exp(logps.detach() - old) - 1).abs().max()))
-    return cfg.vf_coef * vl + (0 if critic_only else pl), {**pm, **vm}
+    loss = cfg.vf_coef * vl + (0 if critic_only else pl)
+    return loss * weight, {k: v * weight for k, v in {**pm, **vm}.items()}
 
 
 def train_ppo(cfg: PPOConfig) -> dict:
@@ -219,15 +231,17 @@ def train_ppo(cfg: PPOConfig) -> dict:
     run.progress(start)
     for step in range(start, cfg.max_steps):
         t0 = time.perf_counter()
-        ro = sample(models.lm, tok, [prompts[i] for i in stream.next(cfg.rollout_batch_size)],
-                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                    seed=(cfg.seed * 100003 + step) * 64 + run.rank)
+        first_position = stream.consumed + run.rank  # this rank's prompts: every world-th of the global batch
+        seeds = [cfg.seed * 2**32 + first_position + k * run.world for k in range(cfg.rollout_batch_size)]
+        ro = sample(models.lm, tok, [prompts[i] for i in stream.next(cfg.rollout_batch_size)], seeds,
+                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         t1 = time.perf_counter()
         raw = models.reward(ro)
         scores = shape_scores(raw, ro.ended, cfg, group)
         S = len(ro.completions)
-        order = torch.randperm(S, generator=torch.Generator().manual_seed(cfg.seed * 100003 + step))
-        layout = micro_batches(order, cfg.num_mini_batches, cfg.per_device_train_batch_size)
+        # the first pass takes the rollouts in order (the prompts come shuffled), so each global minibatch holds the
+        # same sequences however many ranks share it; later epochs reshuffle
+        layout = micro_batches(torch.arange(S), cfg.num_mini_batches, cfg.per_device_train_batch_size)
         old_lp, old_ent, ref_lp, old_val = score_rollouts(models, ro, layout, batcher, run)
         lengths = [len(c) for c in ro.completions]
         logps_all = old_lp.packed()
@@ -258,10 +272,13 @@ def train_ppo(cfg: PPOConfig) -> dict:
             for m, minibatch in enumerate(layout):
                 first = epoch == 0 and m == 0
 
-                def loss_of(i, idx=minibatch, rb=rb, critic_only=critic_only, dev=first_dev if first else None):
-                    return micro_loss(models, cfg, run, batcher, rb, idx[i], critic_only, dev)
+                weights = micro_weights(minibatch, lengths, cfg.loss_aggregation, run)
 
-                metrics = run.accumulate(step, len(minibatch), loss_of)
+                def loss_of(i, idx=minibatch, w=weights, rb=rb, critic_only=critic_only,
+                            dev=first_dev if first else None):
+                    return micro_loss(models, cfg, run, batcher, rb, idx[i], w[i], critic_only, dev)
+
+                metrics = run.accumulate(step, len(minibatch), loss_of, reduce="sum")
                 if not critic_only:
                     metrics.update(run.step(models.policy, opt, sched))
                     if cfg.ref_ema_decay > 0:

@@ -69,22 +69,51 @@ class Rollouts:
         return sum(len(c) for c in self.completions)
 
 
+class SeededSampling:
+    """A ``generate`` logits processor that samples each row from its own seed: with greedy decoding after it, the
+    token chosen is ``argmax(z / temperature + g)`` over the tokens top-k / top-p keep, ``g`` standard Gumbel noise
+    drawn from a generator seeded by ``(seeds[row], position)`` alone: an exact sample of
+    ``softmax(z / temperature)`` restricted to those tokens (the Gumbel-max trick). A prompt's completion therefore
+    does not depend on which other prompts share its batch, on the batch size or on the number of ranks, nor on
+    the global RNG (which it leaves alone)."""
+
+    def __init__(self, seeds: list[int], prompt_length: int, temperature: float, top_k: int, top_p: float):
+        self.seeds, self.T = seeds, prompt_length
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        z = scores.float() / self.temperature
+        if self.top_k and self.top_k < z.shape[-1]:
+            kth = torch.topk(z, self.top_k, dim=-1).values[:, -1:]
+            z = z.masked_fill(z < kth, -torch.inf)
+        if self.top_p < 1.0:  # keep the smallest set of likeliest tokens whose mass reaches top_p
+            p, order = torch.softmax(z, -1).sort(-1, descending=True)
+            drop = (p.cumsum(-1) - p) >= self.top_p
+            z = z.masked_fill(drop.scatter(-1, order, drop), -torch.inf)
+        position = input_ids.shape[1] - self.T
+        noise = torch.empty_like(z)
+        for row, seed in enumerate(self.seeds):
+            g = torch.Generator(device=z.device).manual_seed((seed * 1_000_003 + position) % 2**63)
+            u = torch.rand(z.shape[-1], generator=g, device=z.device).clamp_(1e-12, 1.0 - 1e-7)
+            noise[row] = -torch.log(-torch.log(u))
+        return z + noise
+
+
 @torch.no_grad()
-def sample(lm, tokenizer, prompts: list[Prompt], *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0, seed: int = 0, batch_size: int = 256) -> Rollouts:
-    """Sample one completion per prompt from ``lm`` (left-padded batches), with the torch RNG seeded by ``seed``
-    for this call only (the global RNG is left as it was): the same model, prompts and seed give the same samples,
-    so a resumed run samples what the interrupted one would have. A completion keeps its EOS token when it has one
-    and ends there; one that reaches ``max_new_tokens`` without EOS is kept as it is (``ended`` False)."""
-    device = next(lm.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        return _sample(lm, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, batch_size)
-
-
-def _sample(lm, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, batch_size) -> Rollouts:
-    completions = generate(lm, tokenizer, [p.ids for p in prompts], max_new_tokens, batch_size, do_sample=True,
-                           temperature=temperature, top_k=top_k or None, top_p=top_p)
+def sample(lm, tokenizer, prompts: list[Prompt], seeds: list[int], *, max_new_tokens: int, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, batch_size: int = 256) -> Rollouts:
+    """Sample one completion per prompt from ``lm``, prompt ``i`` from the seed ``seeds[i]`` (:class:`SeededSampling`:
+    the same model, prompt and seed give the same completion in any batch, on any number of ranks, and in a
+    resumed run). A completion keeps its EOS token when it has one and ends there; one that reaches
+    ``max_new_tokens`` without EOS is kept as it is (``ended`` False)."""
+    if len(seeds) != len(prompts):
+        raise ValueError(f"seeds must give one seed per prompt ({len(prompts)}); got {len(seeds)}")
+    completions = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        sampler = SeededSampling(seeds[i:i + batch_size], max(len(p.ids) for p in chunk), temperature, top_k, top_p)
+        completions += generate(lm, tokenizer, [p.ids for p in chunk], max_new_tokens, batch_size, do_sample=False,
+                                logits_processor=[sampler])
     ended = [bool(c) and c[-1] == tokenizer.eos_token_id for c in completions]
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     return Rollouts(list(prompts), completions, texts, ended)
