@@ -91,8 +91,10 @@ class Run:
         if self.cfg.packing:
             check_packing(lm, self.device, self.autocast())
 
-    def wrap(self, module):
+    def wrap(self, module, primary: bool = True):
         """Move to the device; across ranks (torchrun) wrap with DDP, or shard with FSDP2 (``distributed=fsdp``).
+        The ``primary`` module (the policy) is the one :meth:`generator`, :meth:`full_states` and :meth:`restore`
+        default to; another (PPO's critic) is passed to them as ``root``.
 
         FSDP2 shards each decoder layer (:func:`decoder_layers`) as its own group, then the root ``module``
         (embeddings, final norm, LM head). :class:`SequenceLogps` reads the LM-head weight inside its own forward,
@@ -100,7 +102,8 @@ class Run:
         backward, so the fused op sees the whole ``[V, D]`` matrix and the sharded parameter gets its gradient.
         """
         module = module.to(self.device)
-        self.wrapped = module
+        if primary:
+            self.wrapped = module
         if self.fsdp:
             from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
@@ -261,10 +264,11 @@ class Run:
         return summary
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
-    def full_states(self, lm, opt=None):
+    def full_states(self, lm, opt=None, root=None):
         """``(weights, optimizer_state)`` to checkpoint. Without FSDP: ``(None, opt.state_dict())`` (the model
-        saves its own parameters). Under FSDP2 (a collective: every rank calls it): the LM's full state dict and
-        the optimizer's full state dict (keyed by parameter name), gathered to CPU on rank 0."""
+        saves its own parameters). Under FSDP2 (a collective: every rank calls it): the full state dict of ``lm``
+        (any module inside the sharded ``root``, by default the primary one) and the optimizer's full state dict
+        (keyed by parameter name), gathered to CPU on rank 0."""
         if not self.fsdp:
             return None, None if opt is None else opt.state_dict()
         from torch.distributed.checkpoint.state_dict import (
@@ -280,7 +284,8 @@ class Run:
             alias = first.setdefault(id(p), name)
             if alias != name and alias in weights:
                 weights[name] = weights[alias]
-        return weights, None if opt is None else get_optimizer_state_dict(self.wrapped, opt, options=full)
+        root = self.wrapped if root is None else root
+        return weights, None if opt is None else get_optimizer_state_dict(root, opt, options=full)
 
     def save(self, step: int, lm, tokenizer, opt, sched, consumed: int, extra_state=None, extra_models=None):
         weights, optim = self.full_states(lm, opt)
@@ -334,15 +339,20 @@ class Run:
             raise checkpoint.CheckpointError(
                 f"{self.command}: the checkpoint's optimizer state was saved {_MODES[saved]}; resume it "
                 f"{_MODES[saved]} (this run is {_MODES[mode]})")
+        self.load_optimizer(opt, state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+
+    def load_optimizer(self, opt, optimizer_state, root=None) -> None:
+        """Load an optimizer state saved by :meth:`full_states` (under FSDP2, into the shards of ``root``, by
+        default the primary module)."""
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(self.wrapped, opt, state["optimizer"],
+            set_optimizer_state_dict(self.wrapped if root is None else root, opt, optimizer_state,
                                      options=StateDictOptions(full_state_dict=True))
         else:
-            opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
+            opt.load_state_dict(optimizer_state)
 
     def every(self, k: int, step: int) -> bool:
         """True at steps that are multiples of ``k`` (``k = 0``: never) and at the last step."""

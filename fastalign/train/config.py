@@ -94,7 +94,7 @@ class TrainConfig:
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast on GPU (ignored on CPU)"})
     distributed: str = field(default="ddp", metadata={
         "help": "with torchrun (2+ processes): ddp (a full replica per rank) or fsdp (FSDP2 fully_shard: each "
-                "decoder layer, then the root with the embeddings and LM head; sft and dpo)"})
+                "decoder layer, then the root with the embeddings and LM head; sft, dpo and ppo)"})
     gradient_checkpointing: bool = False
     use_lora: bool = field(default=False, metadata={
         "help": "train LoRA adapters (peft, the [lora] extra) instead of every weight; sft, dpo and ppo; final/ holds "
@@ -310,7 +310,7 @@ def _validate(cfg, command: str) -> None:
               ("distributed", cfg.distributed in ("ddp", "fsdp"), "ddp or fsdp"),
               ("attn_implementation", cfg.attn_implementation in ATTENTION, ", ".join(ATTENTION)),
               ("distributed", not (isinstance(cfg, RMConfig) and cfg.distributed == "fsdp"),
-               "ddp for rm (FSDP2 is supported by sft and dpo)")]
+               "ddp for rm (FSDP2 is supported by sft, dpo and ppo)")]
     if cfg.attn_implementation == "flash_attention_2":
         checks.append(("attn_implementation", flash_attn_installed(),
                        "auto, sdpa or eager: flash-attn is not installed (pip install 'fastalign[flash]')"))
@@ -365,7 +365,6 @@ def _validate(cfg, command: str) -> None:
                    ("critic_warmup_steps", 0 <= cfg.critic_warmup_steps < cfg.max_steps,
                     f"in [0, max_steps={cfg.max_steps})"),
                    ("ref_ema_decay", 0 <= cfg.ref_ema_decay < 1, "in [0, 1)"),
-                   ("distributed", cfg.distributed == "ddp", "ddp for ppo (FSDP2 is supported by sft and dpo)"),
                    ("reward_fn", bool(cfg.reward_fn or cfg.reward_model), "set when reward_model is not")]
     for name, ok, expected in checks:
         if not ok:

@@ -105,19 +105,32 @@ class PPOModels:
             torch.manual_seed(cfg.seed)
             head = ValueHead.load(critic_source, self.critic_lm.config.hidden_size)
             self.critic_module = TokenValues(self.critic_lm, head)
-        self.critic = self.critic_module.to(run.device)
-        if run.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.critic = DDP(self.critic, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+        self.critic = run.wrap(self.critic_module, primary=False)  # DDP, or sharded by FSDP2 like the policy
         self.reward = Rewarder(cfg, tok, run, batcher)
+        self.run = run
 
-    def save_critic(self, directory) -> None:
-        self.critic_lm.save_pretrained(str(directory / "critic"), safe_serialization=True)
-        self.critic_module.value_head.save(directory / "critic")
+    def critic_states(self, copt=None):
+        """``(save, optimizer_state)`` of the critic: a function writing it into ``directory/critic`` (model and
+        value head) and its optimizer's state. A collective under FSDP2 (every rank calls it; rank 0 saves)."""
+        weights, optim = self.run.full_states(self.critic_module, copt, root=self.critic)
 
-    def checkpoint_models(self, cfg: PPOConfig) -> dict:
-        models = {"critic": self.save_critic}
+        def save(directory) -> None:
+            out = directory / "critic"
+            if weights is None:
+                self.critic_lm.save_pretrained(str(out), safe_serialization=True)
+                self.critic_module.value_head.save(out)
+                return
+            lm = {k[len("lm."):]: v for k, v in weights.items() if k.startswith("lm.")}
+            self.critic_lm.save_pretrained(str(out), safe_serialization=True, state_dict=lm)
+            head = ValueHead(self.critic_lm.config.hidden_size)
+            head.load_state_dict({k[len("value_head."):]: v for k, v in weights.items()
+                                  if k.startswith("value_head.")})
+            head.save(out)
+
+        return save, optim
+
+    def checkpoint_models(self, cfg: PPOConfig, save_critic) -> dict:
+        models = {"critic": save_critic}
         if cfg.ref_ema_decay > 0:
             models["ref"] = self.ref_lm
         return models
@@ -219,13 +232,13 @@ def train_ppo(cfg: PPOConfig) -> dict:
     start, before = 0, {}
     if state is not None:
         run.restore(state, opt, sched)
-        copt.load_state_dict(state["critic_optimizer"])
+        run.load_optimizer(copt, state["critic_optimizer"], root=models.critic)
         csched.load_state_dict(state["critic_scheduler"])
         kl_ctl.load_state_dict(state["kl_controller"])
         value_moments.load_state_dict(state["value_moments"])
         start, stream.consumed, before = state["step"], state["consumed"], state["before"]
     elif eval_prompts:
-        before["exact_match"] = exact_match(models.lm, tok, eval_prompts, cfg.max_new_tokens)
+        before["exact_match"] = exact_match(run.generator(models.lm), tok, eval_prompts, cfg.max_new_tokens)
         run.say(f"ppo: exact match of greedy generations before training: {before['exact_match']:.3f}")
 
     run.progress(start)
@@ -233,7 +246,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
         t0 = time.perf_counter()
         first_position = stream.consumed + run.rank  # this rank's prompts: every world-th of the global batch
         seeds = [cfg.seed * 2**32 + first_position + k * run.world for k in range(cfg.rollout_batch_size)]
-        ro = sample(models.lm, tok, [prompts[i] for i in stream.next(cfg.rollout_batch_size)], seeds,
+        ro = sample(run.generator(models.lm), tok, [prompts[i] for i in stream.next(cfg.rollout_batch_size)], seeds,
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         t1 = time.perf_counter()
         raw = models.reward(ro)
@@ -309,20 +322,22 @@ def train_ppo(cfg: PPOConfig) -> dict:
         if run.every(cfg.logging_steps, done):
             run.log(done, update, show=("objective/scores", "objective/kl", "policy/clipfrac_avg"))
         if eval_prompts and run.every(cfg.eval_steps, done):
-            run.log(done, {"eval_exact_match": exact_match(models.lm, tok, eval_prompts, cfg.max_new_tokens)},
+            run.log(done, {"eval_exact_match": exact_match(run.generator(models.lm), tok, eval_prompts,
+                                                           cfg.max_new_tokens)},
                     show=("eval_exact_match",))
         if run.every(cfg.save_steps, done):
+            save_critic, critic_optim = models.critic_states(copt)
             run.save(done, models.lm, tok, opt, sched, stream.consumed,
-                     {"before": before, "critic_optimizer": copt.state_dict(), "critic_scheduler": csched.state_dict(),
+                     {"before": before, "critic_optimizer": critic_optim, "critic_scheduler": csched.state_dict(),
                       "kl_controller": kl_ctl.state_dict(), "value_moments": value_moments.state_dict()},
-                     models.checkpoint_models(cfg))
+                     models.checkpoint_models(cfg, save_critic))
         run.advance(done)
 
-    final = run.save_final(models.lm, tok, models.save_critic)
+    final = run.save_final(models.lm, tok, models.critic_states()[0])
     summary = {"steps": cfg.max_steps, "start_model": start_model, "final_model": str(final)}
     if eval_prompts:
         summary["exact_match before"] = before.get("exact_match")
-        summary["exact_match after"] = exact_match(models.lm, tok, eval_prompts, cfg.max_new_tokens)
+        summary["exact_match after"] = exact_match(run.generator(models.lm), tok, eval_prompts, cfg.max_new_tokens)
     rows = [r for r in run.history if "objective/scores" in r]
     for k in ("objective/scores", "objective/kl", "tokens_per_second"):
         if rows:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from trainhelp import quick, write_jsonl
 
 import fastalign.train.ppo as ppo_module
+from fastalign.testing import assert_close_to_ref
 from fastalign.train import PPOConfig, RMConfig, train_ppo, train_rm
 from fastalign.train.config import ConfigError, make_config
 from fastalign.train.data import DataError
@@ -163,20 +164,23 @@ def test_a_reward_model_with_another_tokenizer_is_refused(tmp_path, small_data):
         train_ppo(make_config(PPOConfig, ppo_over(tmp_path, small_data, reward_model=rm["final_model"]), "ppo"))
 
 
-def test_two_process_gloo_ppo_matches_single_process(tmp_path, small_data):
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_process_gloo_ppo_matches_single_process(tmp_path, small_data, distributed):
     """Two ranks of 6 rollouts against one process of 12 (whose float64 run is the reference, by the project's
     rule): the same completions (seeded per prompt position), advantages whitened over both ranks, and each
-    minibatch's loss a mean over the global minibatch's tokens, so only the summation order differs."""
+    minibatch's loss a mean over the global minibatch's tokens, so only the summation order differs. FSDP2 shards
+    the policy and the critic; its checkpoints gather them, and a resumed run continues from them."""
     from test_distributed import assert_runs_close
     from trainhelp import torchrun
 
     common = {"max_steps": 2, "device": "cpu", "gen_eval_data": "", "normalize_values": True}
+    two = ppo_over(tmp_path / "two", small_data, rollout_batch_size=6, distributed=distributed, save_steps=1,
+                   ref_ema_decay=0.9, **common)
     single = {}
     for dtype in ("float64", "float32"):
-        over = ppo_over(tmp_path / dtype, small_data, dtype=dtype, **common)
+        over = ppo_over(tmp_path / dtype, small_data, dtype=dtype, ref_ema_decay=0.9, **common)
         train_ppo(make_config(PPOConfig, over, "ppo"))
         single[dtype] = over["output_dir"]
-    two = ppo_over(tmp_path / "two", small_data, rollout_batch_size=6, **common)
     proc = torchrun("ppo", two, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("== ppo summary") == 1  # rank 0 reports
@@ -184,6 +188,14 @@ def test_two_process_gloo_ppo_matches_single_process(tmp_path, small_data):
     assert all(r["policy/ratio_max_abs_dev_first_minibatch"] == 0.0 for r in rows)
     assert_runs_close(two["output_dir"], single, ("objective/scores", "objective/kl", "loss/policy_avg",
                                                   "loss/value_avg", "grad_norm", "critic/grad_norm"), 2)
+    critic = [load_file(f"{d}/final/critic/{f}") for d in (two["output_dir"], single["float64"], single["float32"])
+              for f in ("model.safetensors", "value_head.safetensors")]
+    for got, ref64, ref32 in ((critic[0], critic[2], critic[4]), (critic[1], critic[3], critic[5])):
+        for name in ref32:
+            assert_close_to_ref(got[name], ref64[name], ref32[name], atol=1e-6, name=f"critic {name}")
+    resumed = torchrun("ppo", {**two, "resume": "latest", "max_steps": 3}, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and [r["step"] for r in rows_of(two["output_dir"])] == [1, 2, 3]
 
 
 def test_ppo_on_a_local_hugging_face_model(tmp_path, small_data):
