@@ -190,7 +190,7 @@ class PPOConfig(WarmStartConfig):
     column, when present, is ignored), rewarded by a reward function or a reward model. One step is one PPO
     update: rollouts, then ``ppo_epochs`` passes over ``num_mini_batches`` minibatches (one optimizer step each)."""
 
-    max_steps: int = field(default=300, metadata={"help": "PPO updates (each: rollouts + ppo_epochs x "
+    max_steps: int = field(default=400, metadata={"help": "PPO updates (each: rollouts + ppo_epochs x "
                                                  "num_mini_batches optimizer steps)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "actor (policy) peak learning rate; the study's "
                                                          "default for real models is 1e-5"})
