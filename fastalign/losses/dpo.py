@@ -5,16 +5,17 @@ with weights) and the reference-free losses of TRL's ``CPOTrainer`` / ``ORPOTrai
 per-sequence log-probabilities (sums over the completion tokens, or their per-token averages), so it works with
 any way of computing them; :func:`fastalign.fused_linear_dpo_loss` computes them from hidden states without logits.
 
-Notation used in the docstrings: ``pi_c, pi_r`` are the policy's log-probabilities of the chosen and rejected
-completions, ``ref_c, ref_r`` the reference model's, ``|y_c|, |y_r|`` the completion lengths (tokens),
-``l_c = pi_c - ref_c`` and ``l_r = pi_r - ref_r`` the log-ratios, ``d = l_c - l_r``, ``b`` = ``beta``,
-``e`` = ``label_smoothing``, ``s`` the logistic sigmoid and ``log s`` its logarithm.
+Each loss type is one small function in the table :data:`LOSSES`, with its formula, source and TRL's name; the
+table of :func:`dpo_loss`'s docstring and the page ``docs/dpo_loss_types.md`` (written by
+``python bench/gen_dpo_table.py``) are generated from it.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,48 +23,27 @@ import torch.nn.functional as F
 
 from fastalign._utils import FLOAT_DTYPES, check_same_device, check_tensor
 
-# Formula and source of every loss type; also the docstring table and the order of the error message.
-LOSS_FORMULAS = {
-    "sigmoid": ("-(1-e) log s(b d) - e log s(-b d)",
-                "DPO, Rafailov et al. 2023 (arXiv:2305.18290); e > 0 is conservative DPO (cDPO), Mitchell 2023"),
-    "hinge": ("relu(1 - b d)", "SLiC-HF, Zhao et al. 2023 (arXiv:2305.10425)"),
-    "ipo": ("(d_avg - 1/(2b))^2, on length-averaged log-ratios d_avg = l_c/|y_c| - l_r/|y_r|",
-            "IPO, Azar et al. 2023 (arXiv:2310.12036), eq. 17"),
-    "exo_pair": ("s(b d) (log s(b d) - log(1-e)) + s(-b d) (log s(-b d) - log e), e = 1e-3 when 0",
-                 "EXO, Ji et al. 2024 (arXiv:2402.00856), eq. 16"),
-    "nca_pair": ("-log s(b l_c) - 0.5 log s(-b l_c) - 0.5 log s(-b l_r)",
-                 "NCA, Chen et al. 2024 (arXiv:2402.05369)"),
-    "robust": ("(-(1-e) log s(b d) + e log s(-b d)) / (1 - 2e)",
-               "Robust DPO, Chowdhury et al. 2024 (arXiv:2403.00409)"),
-    "bco_pair": ("-log s(b l_c - delta) - log s(-(b l_r - delta)), delta = running mean of the batch mean "
-                 "reward mean(b l_c, b l_r)", "BCO, Jung et al. 2024 (arXiv:2404.04656)"),
-    "sppo_hard": ("(l_c - 1/(2b))^2 + (l_r + 1/(2b))^2",
-                  "SPPO with hard win probabilities, Wu et al. 2024 (arXiv:2405.00675)"),
-    "aot": ("sigmoid loss of sort(pi_c - pi_r) - sort(ref_c - ref_r) (sorted over the batch)",
-            "AOT, Melnyk et al. 2024 (arXiv:2406.05882)"),
-    "aot_unpaired": ("sigmoid loss of sort(l_c) - sort(l_r) (sorted over the batch)",
-                     "AOT (unpaired), Melnyk et al. 2024 (arXiv:2406.05882)"),
-    "apo_zero": ("1 - s(b l_c) + s(b l_r)", "APO-zero, D'Oosterlinck et al. 2024 (arXiv:2408.06266), eq. 7"),
-    "apo_down": ("s(b l_c) + 1 - s(b d)", "APO-down, D'Oosterlinck et al. 2024 (arXiv:2408.06266), eq. 8"),
-    "discopop": ("(1 - m) (-log s(b d)) + m exp(-b d), m = s(b d / tau)",
-                 "DiscoPOP (log-ratio modulated loss), Lu et al. 2024 (arXiv:2406.08414), eq. 5"),
-    "sft": ("NLL = -sum(pi_c) / sum(|y_c|), the mean negative log-likelihood of the chosen tokens",
-            "the NLL term of RPO, Pang et al. 2024 (arXiv:2404.19733)"),
-    "sigmoid_norm": ("-log s(b (l_c/|y_c| - l_r/|y_r|))", "length-normalized DPO, as in TRL"),
-    "simpo": ("-(1-e) log s(b (pi_c/|y_c| - pi_r/|y_r|) - gamma) - e log s(-(...)), reference-free",
-              "SimPO, Meng et al. 2024 (arXiv:2405.14734), eq. 6"),
-    "cpo": ("-(1-e) log s(b (pi_c - pi_r)) - e log s(-b (pi_c - pi_r)) + cpo_alpha NLL, reference-free",
-            "CPO, Xu et al. 2024 (arXiv:2401.08417), eq. 6"),
-    "orpo": ("NLL - b log s(log odds(y_c) - log odds(y_r)), odds(y) = P/(1-P), P = exp(pi/|y|), reference-free",
-             "ORPO, Hong et al. 2024 (arXiv:2403.07691), eqs. 6-7; b is the paper's lambda"),
-}
-LOSS_TYPES = tuple(LOSS_FORMULAS)
-# Types that read no reference log-probabilities.
-REFERENCE_FREE = ("sft", "simpo", "cpo", "orpo")
-# Types that need per-token averages (lengths, unless the log-probabilities are averages already).
-NEEDS_AVERAGES = ("ipo", "sigmoid_norm", "simpo", "orpo")
-# Types that include the NLL of the chosen completions.
-NEEDS_NLL = ("sft", "cpo", "orpo")
+NOTATION = ("`pi_c, pi_r` are the policy's log-probabilities of the chosen and rejected completions, `ref_c, ref_r` "
+            "the reference model's, `|y_c|, |y_r|` the completion lengths (tokens), `l_c = pi_c - ref_c` and "
+            "`l_r = pi_r - ref_r` the log-ratios, `d = l_c - l_r`, `b` = `beta`, `e` = `label_smoothing`, `s` the "
+            "logistic sigmoid and `log s` its logarithm.")
+
+
+def _wrap(text: str, width: int, indent: str = "", tick: str = "``") -> list[str]:
+    """``textwrap.wrap`` that never breaks inside a code span (delimited by ``tick``)."""
+    parts = text.split(tick)
+    text = tick.join(part.replace(" ", "\0") if i % 2 else part for i, part in enumerate(parts))
+    lines = textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent, break_long_words=False,
+                          break_on_hyphens=False)
+    return [line.replace("\0", " ") for line in lines]
+
+
+def _rst(text: str) -> str:
+    return text.replace("`", "``")
+
+
+if __doc__:  # (None under python -OO)
+    __doc__ += "\n" + "\n".join(_wrap(_rst("Notation used in the docstrings: " + NOTATION), 116)) + "\n"
 
 
 def _number(value, name: str) -> float:
@@ -99,7 +79,7 @@ class DPOLossParams:
         if not isinstance(types, (list, tuple)) or not types:
             raise TypeError(f"loss_type must be a string or a non-empty list of strings; got {loss_type!r}")
         for t in types:
-            if t not in LOSS_FORMULAS:
+            if t not in LOSSES:
                 raise ValueError(f"loss_type {t!r} is unknown; valid loss types are {', '.join(LOSS_TYPES)}")
         if len(set(types)) != len(types):
             raise ValueError(f"loss_type must not repeat a type; got {list(types)}")
@@ -164,6 +144,190 @@ def _smoothed_sigmoid(z: torch.Tensor, e: float) -> torch.Tensor:
     return -(1 - e) * F.logsigmoid(z) - e * F.logsigmoid(-z) if e else -F.logsigmoid(z)
 
 
+@dataclass(frozen=True)
+class Pairs:
+    """What a loss type reads, for one call: ``[B]`` tensors in the accumulation dtype (float32, or float64)."""
+
+    pc: torch.Tensor
+    pr: torch.Tensor
+    rc: torch.Tensor  # zeros without a reference
+    rr: torch.Tensor
+    lc: torch.Tensor  # pc - rc
+    lr: torch.Tensor  # pr - rr
+    d: torch.Tensor  # lc - lr
+    n_c: torch.Tensor | None  # completion lengths; None when the log-probabilities are averages already
+    n_r: torch.Tensor | None
+    nll: torch.Tensor | None  # scalar: the chosen tokens' mean NLL, when a type in the call needs it
+    bco_state: BCORunningMean | None
+
+    def avg_c(self, x: torch.Tensor) -> torch.Tensor:
+        """``x / |y_c|`` (``x`` when the log-probabilities are averages)."""
+        return x if self.n_c is None else x / self.n_c
+
+    def avg_r(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.n_r is None else x / self.n_r
+
+
+@dataclass(frozen=True)
+class LossType:
+    """One row of :data:`LOSSES`: ``fn(pairs, params) -> [B]`` per-pair loss, and what the docs say about it.
+
+    ``formula`` and ``source`` mark code with single backticks (Markdown; doubled for the docstring).
+    """
+
+    fn: Callable[[Pairs, DPOLossParams], torch.Tensor]
+    formula: str
+    source: str
+    trl: str
+    reference_free: bool  # reads no reference log-probabilities
+    averages: bool  # reads per-token averages pi/|y| (lengths needed unless average_log_prob)
+    nll: bool  # includes the chosen tokens' NLL (chosen lengths needed unless average_log_prob)
+
+
+# name -> LossType, in the order of the docs and of the error message for an unknown type.
+LOSSES: dict[str, LossType] = {}
+
+
+def _loss_type(name: str, formula: str, source: str, *, trl: str | None = None, reference_free: bool = False,
+               averages: bool = False, nll: bool = False):
+    """Add the decorated function to :data:`LOSSES` as loss type ``name``; ``trl`` defaults to TRL's
+    ``DPOConfig(loss_type=name)``."""
+    trl = f'`DPOConfig(loss_type="{name}")`' if trl is None else trl
+
+    def add(fn):
+        LOSSES[name] = LossType(fn, formula, source, trl, reference_free, averages, nll)
+        return fn
+    return add
+
+
+@_loss_type("sigmoid", "`-(1-e) log s(b d) - e log s(-b d)`",
+            "DPO, Rafailov et al. 2023 (arXiv:2305.18290); e > 0 is conservative DPO (cDPO), Mitchell 2023")
+def _sigmoid(x: Pairs, p: DPOLossParams):
+    return _smoothed_sigmoid(p.beta * x.d, p.label_smoothing)
+
+
+@_loss_type("hinge", "`relu(1 - b d)`", "SLiC-HF, Zhao et al. 2023 (arXiv:2305.10425)")
+def _hinge(x: Pairs, p: DPOLossParams):
+    return torch.relu(1 - p.beta * x.d)
+
+
+@_loss_type("ipo", "`(l_c/|y_c| - l_r/|y_r| - 1/(2b))^2`, on length-averaged log-ratios",
+            "IPO, Azar et al. 2023 (arXiv:2310.12036), eq. 17", averages=True)
+def _ipo(x: Pairs, p: DPOLossParams):
+    return (x.avg_c(x.lc) - x.avg_r(x.lr) - 1 / (2 * p.beta)) ** 2
+
+
+@_loss_type("exo_pair", "`s(b d) (log s(b d) - log(1-e)) + s(-b d) (log s(-b d) - log e)`, e = 1e-3 when 0",
+            "EXO, Ji et al. 2024 (arXiv:2402.00856), eq. 16")
+def _exo_pair(x: Pairs, p: DPOLossParams):
+    b, eps = p.beta, p.label_smoothing if p.label_smoothing > 0 else 1e-3
+    return (torch.sigmoid(b * x.d) * (F.logsigmoid(b * x.d) - math.log1p(-eps))
+            + torch.sigmoid(-b * x.d) * (F.logsigmoid(-b * x.d) - math.log(eps)))
+
+
+@_loss_type("nca_pair", "`-log s(b l_c) - 0.5 log s(-b l_c) - 0.5 log s(-b l_r)`",
+            "NCA, Chen et al. 2024 (arXiv:2402.05369)")
+def _nca_pair(x: Pairs, p: DPOLossParams):
+    b = p.beta
+    return -F.logsigmoid(b * x.lc) - 0.5 * F.logsigmoid(-b * x.lc) - 0.5 * F.logsigmoid(-b * x.lr)
+
+
+@_loss_type("robust", "`(-(1-e) log s(b d) + e log s(-b d)) / (1 - 2e)`, e < 0.5",
+            "Robust DPO, Chowdhury et al. 2024 (arXiv:2403.00409)")
+def _robust(x: Pairs, p: DPOLossParams):
+    b, e = p.beta, p.label_smoothing
+    return (-(1 - e) * F.logsigmoid(b * x.d) + e * F.logsigmoid(-b * x.d)) / (1 - 2 * e)
+
+
+@_loss_type("bco_pair", "`-log s(b l_c - delta) - log s(-(b l_r - delta))`, delta = the running mean (`bco_state`) "
+            "of the batch mean reward `mean(b l_c, b l_r)`", "BCO, Jung et al. 2024 (arXiv:2404.04656)")
+def _bco_pair(x: Pairs, p: DPOLossParams):
+    b = p.beta
+    batch_mean = torch.cat([b * x.lc, b * x.lr]).mean().detach()
+    delta = batch_mean if x.bco_state is None else x.bco_state.update(batch_mean).to(x.pc.dtype)
+    return -F.logsigmoid(b * x.lc - delta) - F.logsigmoid(-(b * x.lr - delta))
+
+
+@_loss_type("sppo_hard", "`(l_c - 1/(2b))^2 + (l_r + 1/(2b))^2`",
+            "SPPO with hard win probabilities, Wu et al. 2024 (arXiv:2405.00675)")
+def _sppo_hard(x: Pairs, p: DPOLossParams):
+    return (x.lc - 0.5 / p.beta) ** 2 + (x.lr + 0.5 / p.beta) ** 2
+
+
+@_loss_type("aot", "sigmoid loss of `b (sort(pi_c - pi_r) - sort(ref_c - ref_r))` (sorted over the batch)",
+            "AOT, Melnyk et al. 2024 (arXiv:2406.05882)")
+def _aot(x: Pairs, p: DPOLossParams):
+    return _smoothed_sigmoid(p.beta * (torch.sort(x.pc - x.pr).values - torch.sort(x.rc - x.rr).values),
+                             p.label_smoothing)
+
+
+@_loss_type("aot_unpaired", "sigmoid loss of `b (sort(l_c) - sort(l_r))` (sorted over the batch)",
+            "AOT for unpaired data, Melnyk et al. 2024 (arXiv:2406.05882)", trl='`DPOConfig(loss_type="aot_pair")`')
+def _aot_unpaired(x: Pairs, p: DPOLossParams):
+    return _smoothed_sigmoid(p.beta * (torch.sort(x.lc).values - torch.sort(x.lr).values), p.label_smoothing)
+
+
+@_loss_type("apo_zero", "`1 - s(b l_c) + s(b l_r)`", "APO-zero, D'Oosterlinck et al. 2024 (arXiv:2408.06266), eq. 7")
+def _apo_zero(x: Pairs, p: DPOLossParams):
+    return 1 - torch.sigmoid(p.beta * x.lc) + torch.sigmoid(p.beta * x.lr)
+
+
+@_loss_type("apo_down", "`s(b l_c) + 1 - s(b d)`", "APO-down, D'Oosterlinck et al. 2024 (arXiv:2408.06266), eq. 8")
+def _apo_down(x: Pairs, p: DPOLossParams):
+    return torch.sigmoid(p.beta * x.lc) + 1 - torch.sigmoid(p.beta * x.d)
+
+
+@_loss_type("discopop", "`(1 - m) (-log s(b d)) + m exp(-b d)`, `m = s(b d / tau)` (`discopop_tau`)",
+            "DiscoPOP (log-ratio modulated loss), Lu et al. 2024 (arXiv:2406.08414), eq. 5")
+def _discopop(x: Pairs, p: DPOLossParams):
+    b = p.beta
+    m = torch.sigmoid(b * x.d / p.discopop_tau)
+    return (1 - m) * -F.logsigmoid(b * x.d) + m * torch.exp(-b * x.d)
+
+
+@_loss_type("sft", "`NLL = -sum(pi_c) / sum(|y_c|)`, the chosen tokens' mean negative log-likelihood (the mean "
+            "over pairs of `-pi_c` with `average_log_prob`)",
+            'The NLL term of RPO, Pang et al. 2024 (arXiv:2404.19733): `loss_type=["sigmoid", "sft"], '
+            "loss_weights=[1, alpha]`", reference_free=True, nll=True)
+def _sft(x: Pairs, p: DPOLossParams):
+    return x.nll.expand_as(x.pc)
+
+
+@_loss_type("sigmoid_norm", "`-log s(b (l_c/|y_c| - l_r/|y_r|))`", "Length-normalized DPO, as in TRL",
+            averages=True)
+def _sigmoid_norm(x: Pairs, p: DPOLossParams):
+    return -F.logsigmoid(p.beta * (x.avg_c(x.lc) - x.avg_r(x.lr)))
+
+
+@_loss_type("simpo", "`-(1-e) log s(z) - e log s(-z)`, `z = b (pi_c/|y_c| - pi_r/|y_r|) - gamma` (`simpo_gamma`)",
+            "SimPO, Meng et al. 2024 (arXiv:2405.14734), eq. 6", trl='`CPOConfig(loss_type="simpo")`',
+            reference_free=True, averages=True)
+def _simpo(x: Pairs, p: DPOLossParams):
+    return _smoothed_sigmoid(p.beta * (x.avg_c(x.pc) - x.avg_r(x.pr)) - p.simpo_gamma, p.label_smoothing)
+
+
+@_loss_type("cpo", "`-(1-e) log s(b (pi_c - pi_r)) - e log s(-b (pi_c - pi_r)) + cpo_alpha NLL`",
+            "CPO, Xu et al. 2024 (arXiv:2401.08417), eq. 6", trl='`CPOConfig(loss_type="sigmoid")`',
+            reference_free=True, nll=True)
+def _cpo(x: Pairs, p: DPOLossParams):
+    return _smoothed_sigmoid(p.beta * (x.pc - x.pr), p.label_smoothing) + p.cpo_alpha * x.nll
+
+
+@_loss_type("orpo", "`NLL - b log s(log odds_c - log odds_r)`, `log odds = a - log(1 - exp(a))`, `a = pi/|y|`",
+            "ORPO, Hong et al. 2024 (arXiv:2403.07691), eqs. 6-7; `beta` is the paper's lambda",
+            trl="`ORPOTrainer`", reference_free=True, averages=True, nll=True)
+def _orpo(x: Pairs, p: DPOLossParams):
+    a_c, a_r = x.avg_c(x.pc), x.avg_r(x.pr)
+    log_odds = (a_c - a_r) - (_log1mexp(a_c) - _log1mexp(a_r))
+    return x.nll - p.beta * F.logsigmoid(log_odds)
+
+
+LOSS_TYPES = tuple(LOSSES)
+REFERENCE_FREE = tuple(name for name, t in LOSSES.items() if t.reference_free)
+NEEDS_AVERAGES = tuple(name for name, t in LOSSES.items() if t.averages)
+NEEDS_NLL = tuple(name for name, t in LOSSES.items() if t.nll)
+
+
 def _check_logps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                  chosen_lengths, rejected_lengths, params: DPOLossParams):
     check_tensor(policy_chosen_logps, "policy_chosen_logps", ndim=1, dtypes=FLOAT_DTYPES)
@@ -215,45 +379,15 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     and ``ORPOTrainer``. The loss is ``sum_k loss_weights[k] * mean_over_pairs(loss_k)``.
 
     Loss types (notation in the module docstring; ``pi`` are the log-probabilities as given, sums unless
-    ``average_log_prob``):
+    ``average_log_prob``), generated from :data:`LOSSES`:
 
-    ==============  =================================================================================
-    sigmoid         ``-(1-e) log s(b d) - e log s(-b d)``. DPO, Rafailov et al. 2023; cDPO for e > 0
-    hinge           ``relu(1 - b d)``. SLiC-HF, Zhao et al. 2023
-    ipo             ``(d_avg - 1/(2b))^2`` on length-averaged log-ratios. IPO, Azar et al. 2023, eq. 17
-    exo_pair        ``s(bd)(log s(bd) - log(1-e)) + s(-bd)(log s(-bd) - log e)``, e=1e-3 if 0. EXO, Ji et al.
-                    2024, eq. 16
-    nca_pair        ``-log s(b l_c) - 0.5 log s(-b l_c) - 0.5 log s(-b l_r)``. NCA, Chen et al. 2024
-    robust          ``(-(1-e) log s(b d) + e log s(-b d)) / (1-2e)``, e < 0.5. Chowdhury et al. 2024
-    bco_pair        ``-log s(b l_c - delta) - log s(-(b l_r - delta))``, delta the running mean of the batch
-                    reward (``bco_state``). BCO, Jung et al. 2024
-    sppo_hard       ``(l_c - 1/(2b))^2 + (l_r + 1/(2b))^2``. SPPO (hard probabilities), Wu et al. 2024
-    aot             sigmoid loss of ``sort(pi_c - pi_r) - sort(ref_c - ref_r)`` over the batch. AOT, Melnyk et
-                    al. 2024
-    aot_unpaired    sigmoid loss of ``sort(l_c) - sort(l_r)`` over the batch. AOT, Melnyk et al. 2024
-    apo_zero        ``1 - s(b l_c) + s(b l_r)``. APO, D'Oosterlinck et al. 2024, eq. 7
-    apo_down        ``s(b l_c) + 1 - s(b d)``. APO, D'Oosterlinck et al. 2024, eq. 8
-    discopop        ``(1-m)(-log s(b d)) + m exp(-b d)``, ``m = s(b d / tau)``. DiscoPOP, Lu et al. 2024, eq. 5
-    sft             ``-sum(pi_c) / sum(|y_c|)``, the chosen tokens' mean NLL (RPO's term, Pang et al. 2024:
-                    ``loss_type=["sigmoid", "sft"], loss_weights=[1, alpha]``)
-    sigmoid_norm    ``-log s(b (l_c/|y_c| - l_r/|y_r|))``. Length-normalized DPO, as in TRL
-    simpo           ``-log s(b (pi_c/|y_c| - pi_r/|y_r|) - gamma)`` (+ label smoothing), reference-free.
-                    SimPO, Meng et al. 2024, eq. 6
-    cpo             sigmoid loss of ``b (pi_c - pi_r)`` plus ``cpo_alpha * NLL``, reference-free. CPO, Xu et
-                    al. 2024, eq. 6
-    orpo            ``NLL - b log s(log odds_c - log odds_r)``, ``log odds = a - log(1 - exp(a))`` with
-                    ``a = pi/|y|``, reference-free (``beta`` is the paper's lambda). ORPO, Hong et al. 2024
-    ==============  =================================================================================
-
-    The types ipo, sigmoid_norm, simpo and orpo use per-token averages ``pi/|y|`` (the lengths are required
-    unless ``average_log_prob``); sft, cpo and orpo need the chosen lengths for the token-mean NLL (with
-    ``average_log_prob`` it is the mean over pairs of ``-pi_c``).
+{loss_types}
 
     Args:
         policy_chosen_logps, policy_rejected_logps: ``[B]`` policy log-probabilities of the chosen / rejected
             completions (sums over completion tokens, or averages with ``average_log_prob=True``).
         ref_chosen_logps, ref_rejected_logps: ``[B]`` the reference model's (no gradient expected); may be None
-            when every loss type is reference-free (sft, simpo, cpo, orpo).
+            when every loss type is reference-free (see the table).
         beta: > 0, the temperature of the implicit reward.
         loss_type: one type or a list of types (see the table); combined as a weighted sum.
         loss_weights: one weight per type (default all 1).
@@ -297,68 +431,22 @@ def dpo_loss_from_params(policy_chosen_logps, policy_rejected_logps, ref_chosen_
     has_ref = ref_chosen_logps is not None
     rc = ref_chosen_logps.to(acc) if has_ref else torch.zeros_like(pc)
     rr = ref_rejected_logps.to(acc) if has_ref else torch.zeros_like(pr)
-    b, e = params.beta, params.label_smoothing
     lc, lr = pc - rc, pr - rr
-    d = lc - lr
-    if params.average_log_prob:
-        n_c = n_r = None
-        avg = lambda x, n: x
-    else:
+    n_c = n_r = None
+    if not params.average_log_prob:
         n_c = None if chosen_lengths is None else chosen_lengths.to(acc)
         n_r = None if rejected_lengths is None else rejected_lengths.to(acc)
-        avg = lambda x, n: x / n
     nll = None
     if any(t in NEEDS_NLL for t in params.loss_type):
         nll = -pc.mean() if params.average_log_prob else -pc.sum() / n_c.sum()
+    pairs = Pairs(pc, pr, rc, rr, lc, lr, lc - lr, n_c, n_r, nll, bco_state)
 
     loss = pc.new_zeros(())
     for kind, weight in zip(params.loss_type, params.loss_weights):
-        if kind == "sigmoid":
-            per_pair = _smoothed_sigmoid(b * d, e)
-        elif kind == "hinge":
-            per_pair = torch.relu(1 - b * d)
-        elif kind == "ipo":
-            per_pair = (avg(lc, n_c) - avg(lr, n_r) - 1 / (2 * b)) ** 2
-        elif kind == "exo_pair":
-            eps = e if e > 0 else 1e-3
-            per_pair = (torch.sigmoid(b * d) * (F.logsigmoid(b * d) - math.log1p(-eps))
-                        + torch.sigmoid(-b * d) * (F.logsigmoid(-b * d) - math.log(eps)))
-        elif kind == "nca_pair":
-            per_pair = -F.logsigmoid(b * lc) - 0.5 * F.logsigmoid(-b * lc) - 0.5 * F.logsigmoid(-b * lr)
-        elif kind == "robust":
-            per_pair = (-(1 - e) * F.logsigmoid(b * d) + e * F.logsigmoid(-b * d)) / (1 - 2 * e)
-        elif kind == "bco_pair":
-            batch_mean = torch.cat([b * lc, b * lr]).mean().detach()
-            delta = batch_mean if bco_state is None else bco_state.update(batch_mean).to(acc)
-            per_pair = -F.logsigmoid(b * lc - delta) - F.logsigmoid(-(b * lr - delta))
-        elif kind == "sppo_hard":
-            per_pair = (lc - 0.5 / b) ** 2 + (lr + 0.5 / b) ** 2
-        elif kind == "aot":
-            per_pair = _smoothed_sigmoid(b * (torch.sort(pc - pr).values - torch.sort(rc - rr).values), e)
-        elif kind == "aot_unpaired":
-            per_pair = _smoothed_sigmoid(b * (torch.sort(lc).values - torch.sort(lr).values), e)
-        elif kind == "apo_zero":
-            per_pair = 1 - torch.sigmoid(b * lc) + torch.sigmoid(b * lr)
-        elif kind == "apo_down":
-            per_pair = torch.sigmoid(b * lc) + 1 - torch.sigmoid(b * d)
-        elif kind == "discopop":
-            m = torch.sigmoid(b * d / params.discopop_tau)
-            per_pair = (1 - m) * -F.logsigmoid(b * d) + m * torch.exp(-b * d)
-        elif kind == "sft":
-            per_pair = nll.expand_as(pc)
-        elif kind == "sigmoid_norm":
-            per_pair = -F.logsigmoid(b * (avg(lc, n_c) - avg(lr, n_r)))
-        elif kind == "simpo":
-            per_pair = _smoothed_sigmoid(b * (avg(pc, n_c) - avg(pr, n_r)) - params.simpo_gamma, e)
-        elif kind == "cpo":
-            per_pair = _smoothed_sigmoid(b * (pc - pr), e) + params.cpo_alpha * nll
-        else:  # orpo
-            a_c, a_r = avg(pc, n_c), avg(pr, n_r)
-            log_odds = (a_c - a_r) - (_log1mexp(a_c) - _log1mexp(a_r))
-            per_pair = nll - b * F.logsigmoid(log_odds)
-        loss = loss + weight * per_pair.mean()
+        loss = loss + weight * LOSSES[kind].fn(pairs, params).mean()
 
     with torch.no_grad():
+        b = params.beta
         reward_c, reward_r = b * (pc - rc), b * (pr - rr)
         metrics = {
             "rewards/chosen": reward_c.mean(),
@@ -371,3 +459,51 @@ def dpo_loss_from_params(policy_chosen_logps, policy_rejected_logps, ref_chosen_
         if nll is not None:
             metrics["nll_loss"] = nll.detach()
     return loss, metrics
+
+
+def _docstring_table() -> str:
+    """:data:`LOSSES` as the reStructuredText table (and its note) in :func:`dpo_loss`'s docstring."""
+    indent, name_w, width = " " * 4, 16, 116
+    rule = f"{indent}{'=' * (name_w - 2)}  {'=' * (width - len(indent) - name_w)}"
+    lines = [rule]
+    for name, t in LOSSES.items():
+        text = _rst(f"{t.formula}{', reference-free' if t.reference_free else ''}. {t.source}")
+        body = _wrap(text, width - len(indent) - name_w)
+        lines += [f"{indent}{name:<{name_w}}{body[0]}"] + [f"{indent}{'':<{name_w}}{line}" for line in body[1:]]
+    lines.append(rule)
+    note = (f"The types {', '.join(NEEDS_AVERAGES)} use per-token averages ``pi/|y|`` (the lengths are required "
+            f"unless ``average_log_prob``); {', '.join(NEEDS_NLL)} need the chosen lengths for the token-mean NLL "
+            "(with ``average_log_prob`` it is the mean over pairs of ``-pi_c``).")
+    return "\n".join(lines + [""] + _wrap(note, width, indent))
+
+
+if dpo_loss.__doc__:  # (None under python -OO)
+    dpo_loss.__doc__ = dpo_loss.__doc__.replace("{loss_types}", _docstring_table())
+
+
+DOC_PAGE = "docs/dpo_loss_types.md"
+DOC_COMMAND = "python bench/gen_dpo_table.py"
+
+
+def loss_types_markdown() -> str:
+    """The page ``docs/dpo_loss_types.md``: :data:`LOSSES` as a Markdown table (``DOC_COMMAND`` writes it)."""
+    cell = lambda s: s.replace("|", "\\|")
+    rows = [f"| `{name}` | {cell(t.formula)} | {'yes' if t.reference_free else 'no'} | {cell(t.trl)} | "
+            f"{cell(t.source)} |" for name, t in LOSSES.items()]
+    return "\n".join([
+        "# DPO loss types",
+        "",
+        f"<!-- Generated from `fastalign.losses.dpo.LOSSES` by `{DOC_COMMAND}`; do not edit by hand. -->",
+        "",
+        "The `loss_type` values of `fastalign.dpo_loss`, `fastalign.fused_linear_dpo_loss` and `train_dpo`. A list of "
+        "types is combined as `sum_k loss_weights[k] * mean_over_pairs(loss_k)`. Types with per-token averages "
+        f"({', '.join(NEEDS_AVERAGES)}) or the chosen tokens' NLL ({', '.join(NEEDS_NLL)}) need `chosen_lengths` and "
+        "`rejected_lengths`, unless `average_log_prob=True` (the log-probabilities are averages already).",
+        "",
+        f"Notation: {NOTATION}",
+        "",
+        "| loss type | per-pair loss | reference-free | TRL's name | source |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ])

@@ -1,12 +1,15 @@
 """dpo_loss: every loss type against a straightforward float64 implementation written from its formula."""
 
 import math
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from fastalign import BCORunningMean, dpo_loss
-from fastalign.losses.dpo import LOSS_TYPES, REFERENCE_FREE
+from fastalign.losses.dpo import DOC_PAGE, LOSS_TYPES, LOSSES, REFERENCE_FREE, loss_types_markdown
 from fastalign.testing import assert_close_to_ref
 
 BETA, EPS, GAMMA, ALPHA, TAU = 0.2, 0.15, 0.7, 0.8, 0.3
@@ -239,3 +242,33 @@ B_OK = torch.tensor([-3.0, -4.0])
 def test_bad_input_raises_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_doc_page_is_generated_from_the_table():
+    page = (ROOT / DOC_PAGE).read_text()
+    assert page == loss_types_markdown(), f"{DOC_PAGE} is stale: run python bench/gen_dpo_table.py"
+    for name, t in LOSSES.items():
+        row = next(line for line in page.splitlines() if line.startswith(f"| `{name}` |"))
+        assert t.formula.replace("|", "\\|") in row and ("| yes |" in row) == (name in REFERENCE_FREE)
+
+
+def test_doc_page_script_check_fails_on_a_stale_page(tmp_path):
+    script = ROOT / "bench" / "gen_dpo_table.py"
+    assert subprocess.run([sys.executable, str(script), "--check"], capture_output=True).returncode == 0
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "bench" / script.name).write_text(script.read_text())
+    (tmp_path / DOC_PAGE).write_text(loss_types_markdown().replace("relu(1 - b d)", "relu(2 - b d)"))
+    stale = subprocess.run([sys.executable, str(tmp_path / "bench" / script.name), "--check"], capture_output=True,
+                           text=True)
+    assert stale.returncode == 1 and "out of date" in stale.stdout
+
+
+def test_docstring_table_lists_every_type_from_the_table():
+    doc = dpo_loss.__doc__
+    assert "{loss_types}" not in doc
+    for name, t in LOSSES.items():  # the table's first code span of each formula, never wrapped
+        assert f"\n    {name:<16}" in doc and f"``{t.formula.split('`')[1]}``" in doc, name

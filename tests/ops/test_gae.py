@@ -401,3 +401,19 @@ def test_traceable_by_torch_compile(impl, packed, impl_on):
     if packed:  # offsets are still checked inside the compiled graph (by the op)
         with pytest.raises(ValueError, match="non-decreasing"):
             compiled(args[0], args[1], None, _offsets([9, -3, 15], "cpu"), b)
+
+
+def test_cuda_impl_never_runs_the_cpu_kernel(monkeypatch):
+    """impl="cuda" raises when unavailable (here: CPU tensors), and its launcher refuses CPU tensors rather than let
+    the dispatcher run the CPU kernel of the shared op in its name."""
+    from fastalign import ImplUnavailableError
+    from fastalign.ops.gae import api
+
+    r, v = torch.randn(2, 5), torch.randn(2, 5)
+    for call in (lambda: gae(r, v, impl="cuda"), lambda: discounted_returns(r, impl="cuda")):
+        with pytest.raises(ImplUnavailableError, match="impl='cuda' is unavailable"):
+            call()
+    monkeypatch.setattr(api, "resolve_impl", lambda impl, device, op, impls: impl)
+    for call in (lambda: gae(r, v, impl="cuda"), lambda: discounted_returns(r, impl="cuda")):
+        with pytest.raises(ValueError, match="the cuda impl of gae takes CUDA tensors; got rewards on cpu"):
+            call()

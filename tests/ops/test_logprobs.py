@@ -197,6 +197,58 @@ def test_deterministic_backward_is_bitwise_reproducible(impl, device, impl_on):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_targets_of_other_shards_give_zero_target_logit(impl, device, impl_on):
+    """A shard's launcher gives z_target = 0 for targets outside ``[vocab_start, vocab_start + V)``, also for those
+    just past the shard, which fall in the padding of its last V-block (V=75 is no multiple of any block size)."""
+    impl_on(impl, device)
+    Vs, start = 75, 75
+    h, w, _, b = _inputs(8, D, Vs, torch.float32, device, bias=True)
+    t = torch.tensor([0, 74, 75, 76, 100, 149, 150, 200], device=device)  # 75 ... 149 are this shard's
+    params = api.LogprobsParams(vocab_start=start, vocab_size=300, impl=impl)
+    fwd, _ = api._launchers(impl)
+    with torch.no_grad():
+        _, z_target, _ = fwd(h, w, t, b, params)
+        z = naive.processed_logits(h, w, b)
+    mine = (t >= start) & (t < start + Vs)
+    expected = torch.where(mine, z.gather(1, (t - start).clamp(0, Vs - 1)[:, None]).squeeze(1), 0.0)
+    assert_close_to_ref(z_target.float(), expected, atol=1e-5, name="z_target")
+    assert (z_target[~mine] == 0).all()
+
+
+def test_deterministic_torch_impl_on_cuda_needs_a_reproducible_cublas(monkeypatch):
+    cuda = torch.device("cuda")  # only a device object: nothing runs on it
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with pytest.raises(RuntimeError, match=r"impl='torch' on CUDA needs CUBLAS_WORKSPACE_CONFIG .*got None"):
+        api._check_deterministic("torch", cuda)
+    with pytest.warns(UserWarning, match="CUBLAS_WORKSPACE_CONFIG"):
+        api._check_deterministic("torch", cuda, strict=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    with pytest.raises(RuntimeError, match="got ':0:0'"):
+        api._check_deterministic("torch", cuda)
+    for impl, device in [("triton", cuda), ("cpp", torch.device("cpu")), ("torch", torch.device("cpu"))]:
+        api._check_deterministic(impl, device)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    api._check_deterministic("torch", cuda)
+
+
+def test_deterministic_flag_and_torch_mode_reach_the_check(monkeypatch):
+    calls = []
+    monkeypatch.setattr(api, "_check_deterministic", lambda impl, device, strict: calls.append((impl, strict)))
+    h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, -100, 9])
+    linear_logprobs(h, w, t, impl="torch")
+    assert calls == []
+    linear_logprobs(h, w, t, deterministic=True, impl="torch")
+    assert calls == [("torch", True)]
+    for warn_only in (False, True):
+        try:
+            torch.use_deterministic_algorithms(True, warn_only=warn_only)
+            linear_logprobs(h, w, t, impl="torch")
+        finally:
+            torch.use_deterministic_algorithms(False)
+    assert calls[1:] == [("torch", True), ("torch", False)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_frozen_head_gets_no_weight_gradient(impl, device, impl_on):
     impl_on(impl, device)
     h, w, t, _ = _inputs(9, D, 50, torch.float32, device)

@@ -361,7 +361,8 @@ def test_through_the_autograd_function(dtype):
 @pytest.mark.parametrize("entropy", [False, True])
 def test_rows_without_gradient_are_left_out_of_the_backward(entropy, monkeypatch):
     """Rows whose incoming gradient is zero (PPO's clipped tokens) reach the kernel as ignored, so it does no
-    work for them; the gradients stay those of the reference."""
+    work for them; the gradients stay those of the reference. The cpp launcher does this, not the (impl-agnostic)
+    autograd Function, which passes the targets on as given."""
     h, w, y, b = _inputs(N, D, V, torch.float32, bias=True)
     valid = y != IGNORE
     g = torch.randn(N) * valid
@@ -370,19 +371,22 @@ def test_rows_without_gradient_are_left_out_of_the_backward(entropy, monkeypatch
     g[dead] = 0.0
     if entropy:
         e[dead & (torch.rand(N) < 0.5)] = 0.0  # a row with only an entropy gradient still has work
-    seen = []
-    launchers = api._launchers
+    seen, given = [], []
+    launchers, kernel = api._launchers, torch.ops.fastalign.linear_logprobs_bwd
 
     def spy(impl):
         fwd, bwd = launchers(impl)
-        return fwd, lambda hh, ww, yy, *rest: (seen.append(yy.clone()), bwd(hh, ww, yy, *rest))[1]
+        return fwd, lambda hh, ww, yy, *rest: (given.append(yy.clone()), bwd(hh, ww, yy, *rest))[1]
 
     monkeypatch.setattr(api, "_launchers", spy)
+    monkeypatch.setattr(torch.ops.fastalign, "linear_logprobs_bwd",
+                        lambda hh, ww, yy, *rest: (seen.append(yy.clone()), kernel(hh, ww, yy, *rest))[1])
     params = LogprobsParams(return_entropy=entropy, impl="cpp")
     leaves = [t.clone().requires_grad_() for t in (h, w, b)]
     out = api.LinearLogprobsFunction.apply(leaves[0], leaves[1], y, leaves[2], params)
     lp, ent = out if entropy else (out, None)
     ((lp * g).sum() + ((ent * e).sum() if entropy else 0)).backward()
+    assert torch.equal(given[0], y)
     live = (g != 0) | (e != 0) if entropy else g != 0
     assert torch.equal(seen[0], torch.where(live, y, IGNORE)) and (live != valid).any()
     assert (leaves[0].grad[~live] == 0).all() and (leaves[0].grad[live] != 0).all()

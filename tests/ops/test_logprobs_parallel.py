@@ -1,5 +1,6 @@
 """Vocab-parallel linear_logprobs: 2 gloo processes on the CPU, each holding half of the LM head, must give the
-unsharded op's values on every rank, grad_hidden on every rank, and each shard's rows of grad_weight/grad_bias."""
+unsharded op's values on every rank, grad_hidden on every rank, and each shard's rows of grad_weight/grad_bias;
+with ``deterministic=True``, grad_hidden is summed in rank order (an all-gather, never an all-reduce)."""
 
 import os
 
@@ -16,7 +17,11 @@ WORLD = 2
 OPTIONS = dict(softcap=5.0, temperature=0.8, return_entropy=True)
 
 
-def _worker(rank, impl, inputs_path, init_path, out_dir):
+def _no_all_reduce(*args, **kwargs):
+    raise AssertionError("deterministic=True must not all-reduce: the reduction order would be the collective's")
+
+
+def _worker(rank, impl, deterministic, inputs_path, init_path, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_path}", rank=rank, world_size=WORLD)
     try:
         h, w, b, t, gl, ge = torch.load(inputs_path)
@@ -24,7 +29,10 @@ def _worker(rank, impl, inputs_path, init_path, out_dir):
         h = h.clone().requires_grad_()
         w_mine = w[shard].clone().requires_grad_()
         b_mine = b[shard].clone().requires_grad_()
-        lp, ent = linear_logprobs(h, w_mine, t, b_mine, process_group=dist.group.WORLD, impl=impl, **OPTIONS)
+        if deterministic:
+            dist.all_reduce = _no_all_reduce
+        lp, ent = linear_logprobs(h, w_mine, t, b_mine, process_group=dist.group.WORLD, impl=impl,
+                                  deterministic=deterministic, **OPTIONS)
         (lp * gl + ent * ge).sum().backward()
         torch.save({"lp": lp.detach(), "ent": ent.detach(), "gh": h.grad, "gw": w_mine.grad, "gb": b_mine.grad},
                    os.path.join(out_dir, f"rank{rank}.pt"))
@@ -37,8 +45,8 @@ def _worker(rank, impl, inputs_path, init_path, out_dir):
     os._exit(0)
 
 
-@pytest.mark.parametrize("impl", api.IMPLS)
-def test_two_gloo_ranks_equal_the_unsharded_op(impl, impl_on, tmp_path):
+@pytest.mark.parametrize("impl, deterministic", [(i, False) for i in api.IMPLS] + [("cpp", True), ("torch", True)])
+def test_two_gloo_ranks_equal_the_unsharded_op(impl, deterministic, impl_on, tmp_path):
     impl_on(impl, "cpu")
     N, D, V = 13, 24, 2 * 75
     h, w, b = torch.randn(N, D), torch.randn(V, D) * 0.5, torch.randn(V)
@@ -47,7 +55,7 @@ def test_two_gloo_ranks_equal_the_unsharded_op(impl, impl_on, tmp_path):
     t[0], t[1] = 0, V - 1  # targets owned by the first and the last rank
     gl, ge = torch.randn(N), torch.randn(N)
     torch.save((h, w, b, t, gl, ge), tmp_path / "inputs.pt")
-    mp.spawn(_worker, args=(impl, str(tmp_path / "inputs.pt"), str(tmp_path / "init"), str(tmp_path)),
+    mp.spawn(_worker, args=(impl, deterministic, str(tmp_path / "inputs.pt"), str(tmp_path / "init"), str(tmp_path)),
              nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
@@ -65,4 +73,6 @@ def test_two_gloo_ranks_equal_the_unsharded_op(impl, impl_on, tmp_path):
             assert_close_to_ref(got[key], ref64[i][part], ref32[i][part], atol=1e-5, name=f"rank {r} {key}")
     # every rank holds the same combined values
     assert torch.equal(ranks[0]["lp"], ranks[1]["lp"]) and torch.equal(ranks[0]["ent"], ranks[1]["ent"])
+    if deterministic:
+        assert torch.equal(ranks[0]["gh"], ranks[1]["gh"])
     assert (ranks[0]["lp"][[2, 7]] == 0).all()

@@ -77,3 +77,17 @@ def test_outputs_are_poisoned_under_test():
     from fastalign._utils import new_output
 
     assert new_output((3,), dtype=torch.float32, device="cpu").isnan().all()
+
+
+def test_cuda_impl_never_runs_the_cpu_kernel(monkeypatch):
+    """impl="cuda" raises when unavailable (here: CPU tensors), and its launcher refuses CPU tensors rather than let
+    the dispatcher run the CPU kernel of the shared op in its name."""
+    from fastalign import ImplUnavailableError
+    from fastalign.ops.segment_sum import api
+
+    x, cu = torch.randn(5), _offsets([2, 3], "cpu")
+    with pytest.raises(ImplUnavailableError, match="segment_sum: impl='cuda' is unavailable"):
+        segment_sum(x, cu, impl="cuda")
+    monkeypatch.setattr(api, "resolve_impl", lambda impl, device, op, impls: impl)
+    with pytest.raises(ValueError, match="the cuda impl of segment_sum takes CUDA tensors; got values on cpu"):
+        segment_sum(x, cu, impl="cuda")

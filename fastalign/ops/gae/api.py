@@ -102,6 +102,8 @@ def _gae_fwd(rewards, values, mask, cu_seqlens, bootstrap, params: GaeParams):
         return adv.float(), None if values is None else ret.float()
     if params.impl == "triton":
         from fastalign.ops.gae.triton import gae_fwd
+    elif params.impl == "cuda":
+        from fastalign.ops.gae.cuda import gae_fwd
     else:
         from fastalign.ops.gae.cpu import gae_fwd
     return gae_fwd(rewards, values, mask, cu_seqlens, bootstrap, params.gamma, params.lam)

@@ -1,7 +1,8 @@
-"""GAE and discounted returns through fastalign._C (the torch.library ops ``fastalign::gae`` and
-``fastalign::discounted_returns``).
+"""gae and discounted_returns launchers of the ``cpp`` impl: fastalign._C's CPU kernels (``csrc/cpu/gae.cpp``),
+the torch.library ops ``fastalign::gae`` and ``fastalign::discounted_returns``, whose fake impls are registered here.
 
-The same ops serve the ``cpp`` and ``cuda`` impls: the dispatcher picks the kernel by the tensors' device.
+The ``cuda`` impl (``cuda.py``) calls the same ops on CUDA tensors: the dispatcher picks the kernel by the tensors'
+device.
 """
 
 import torch

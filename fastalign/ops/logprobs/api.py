@@ -16,17 +16,23 @@ Launcher contract (``triton.py``, ``cpu.py``), for ``hidden [N, D]``, ``weight [
   -> (grad_hidden, grad_weight, grad_bias)`` given the full-vocabulary ``lse`` and ``sum_pz`` and the
   upstream gradients (already zero on ignored rows; ``grad_entropy`` is None without entropy). Gradients are
   accumulated in float32; ``grad_bias`` is None without bias. ``grad_weight`` may be None when
-  ``params.compute_grad_weight`` is False (a frozen LM head); an impl may also compute it anyway.
+  ``params.compute_grad_weight`` is False (a frozen LM head); an impl may also compute it anyway. Rows with zero
+  incoming gradient (``grad_logprobs``, and ``grad_entropy`` when given) contribute nothing, so a launcher may
+  skip them (the cpp one does).
+  The backward must be bitwise reproducible: two calls on the same inputs give the same bits (no atomics,
+  fixed reduction orders; see ``deterministic`` in :func:`linear_logprobs`).
 
-Fields added to :class:`LogprobsParams` after the contract was first written (all with defaults, so launchers
-written against the first version keep working): ``compute_grad_weight`` (True), ``vocab_size`` (the full
-vocabulary, ``V`` times the number of ranks under vocab-parallel; 0 = this weight's ``V``) and
-``process_group`` (None; the launchers never read it: the autograd Function combines the ranks).
+Fields of :class:`LogprobsParams` that launchers may leave unread (all have defaults): ``compute_grad_weight``
+(True), ``vocab_size`` (the full vocabulary, ``V`` times the number of ranks under vocab-parallel; 0 = this
+weight's ``V``), ``deterministic`` and ``process_group`` (read by the autograd Function, which combines the
+ranks).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -99,6 +105,24 @@ def _check_targets(targets, V: int, ignore_index: int) -> None:
                          f"got {int(targets.reshape(-1)[row])} at row {row}")
 
 
+# cuBLAS workspace configurations that make its products bitwise reproducible (those torch's deterministic mode
+# accepts, https://docs.nvidia.com/cuda/cublas/#results-reproducibility).
+_CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
+
+
+def _check_deterministic(impl: str, device: torch.device, *, strict: bool = True) -> None:
+    """``deterministic=True``: raise (warn unless ``strict``) where the chosen impl's backward could give other
+    bits for the same inputs. The triton and cpp kernels never can (no atomics, fixed reduction orders), nor can the
+    torch impl on the CPU; on CUDA the torch impl's products are cuBLAS's, reproducible only with a fixed workspace
+    configuration."""
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if impl == "torch" and device.type == "cuda" and config not in _CUBLAS_DETERMINISTIC:
+        why = (f"linear_logprobs: deterministic=True with impl='torch' on CUDA needs CUBLAS_WORKSPACE_CONFIG set to "
+               f"one of {_CUBLAS_DETERMINISTIC} before CUDA starts (cuBLAS products are not reproducible otherwise); "
+               f"got {config!r}. Set it, or use impl='triton' (deterministic as it is)")
+        if strict:
+            raise RuntimeError(why)
+        warnings.warn(why, stacklevel=3)
 
 
 def _launchers(impl: str):
@@ -138,6 +162,19 @@ def _combine_ranks(lse, z_target, sum_pz, group):
     return full_lse, full_zt, full_spz
 
 
+def _sum_ranks_in_order(x, group):
+    """The sum over the ranks of ``x``, added in rank order on every rank: the same bits on every rank and in every
+    run, whatever algorithm the collective picks (an all-reduce's order is its own). Holds the P ranks' copies."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
 class LinearLogprobsFunction(torch.autograd.Function):
     """Autograd of linear_logprobs over the launchers of ``params.impl``; saves only O(N) values (lse and, with
     entropy, sum_pz) besides the inputs."""
@@ -173,18 +210,16 @@ class LinearLogprobsFunction(torch.autograd.Function):
         e = None
         if params.return_entropy:
             e = torch.where(valid, grad_entropy.to(acc), zero) if grad_entropy is not None else torch.zeros_like(g)
-        if params.impl == "cpp":
-            # Rows with no incoming gradient (PPO's clipped tokens, masked positions) add nothing: passed as
-            # ignored, the kernel leaves them out of its row blocks (finding them costs no host sync on the CPU).
-            live = g != 0 if e is None else (g != 0) | (e != 0)
-            targets = torch.where(live, targets, params.ignore_index)
         _, bwd = _launchers(params.impl)
         grad_hidden, grad_weight, grad_bias = bwd(hidden, weight, targets, bias, lse, sum_pz, g, e, params)
-        if params.process_group is not None:
+        if params.process_group is not None:  # each rank holds its shard's part of grad_hidden
             import torch.distributed as dist
 
             grad_hidden = grad_hidden.to(acc)
-            dist.all_reduce(grad_hidden, group=params.process_group)  # each rank holds its shard's part
+            if params.deterministic:
+                grad_hidden = _sum_ranks_in_order(grad_hidden, params.process_group)
+            else:
+                dist.all_reduce(grad_hidden, group=params.process_group)
         grad_hidden = grad_hidden.to(hidden.dtype)
         grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None and ctx.needs_input_grad[3] else None
@@ -220,11 +255,16 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         ignore_index: target value of rows to skip.
         return_entropy: also return the entropy of each row's distribution (differentiable).
         process_group: vocab-parallel: combine the ranks' shards with one all-gather of O(N) values per call
-            (and one all-reduce of grad_hidden in backward); ``hidden`` and ``targets`` must be the same on
-            every rank. None: the weight is the whole head.
-        deterministic: ask for a bitwise-reproducible backward. Every impl here already is (the Triton
-            backward uses no atomics; the torch and cpp impls have a fixed reduction order), so this costs
-            nothing; ``torch.are_deterministic_algorithms_enabled()`` sets it too.
+            (and one all-reduce of grad_hidden in backward, an all-gather with ``deterministic``); ``hidden``
+            and ``targets`` must be the same on every rank. None: the weight is the whole head.
+        deterministic: guarantee a bitwise-reproducible backward (the same inputs give the same gradient bits).
+            The impls' own backward passes always are (the triton and cpp kernels use no atomics and fixed
+            reduction orders; the torch impl's row-block products are reproducible on the CPU), so on one device
+            this costs nothing, except that the torch impl on CUDA raises unless ``CUBLAS_WORKSPACE_CONFIG`` is
+            ``:4096:8`` or ``:16:8`` (cuBLAS is reproducible only then). With ``process_group``, the all-reduce
+            of ``grad_hidden`` becomes an all-gather summed in rank order (memory: every rank's ``[N, D]``
+            float32 part at once), identical on every rank and run. ``torch.use_deterministic_algorithms(True)``
+            sets it too (its ``warn_only`` makes the CUDA check a warning).
         impl: ``"auto"`` or one of ``IMPLS`` (see ``fastalign._backend``).
 
     Returns:
@@ -249,6 +289,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                             vocab_size=vocab_size, process_group=process_group)
     _check_args(hidden, weight, targets, bias, params)
     impl = resolve_impl(impl, hidden.device, op="linear_logprobs", impls=IMPLS)
+    if params.deterministic:
+        _check_deterministic(impl, hidden.device,
+                             strict=bool(deterministic) or not torch.is_deterministic_algorithms_warn_only_enabled())
     vocab_start = 0
     if process_group is not None:
         import torch.distributed as dist

@@ -13,8 +13,10 @@ partials of ``grad_hidden`` (at most 32 MiB in all) and, for bf16/fp16 weights, 
 - Accumulation is float32 (float64 for float64 inputs, whose outputs are then float64 too).
 - Batch invariance: a row's outputs are bitwise identical whatever N, the other rows, its position and the
   thread count.
-- The backward is always bitwise reproducible (no atomics; fixed reduction orders), so
-  ``params.deterministic`` costs nothing here and is not passed to the kernel.
+- The backward is always bitwise reproducible (no atomics; fixed reduction orders), so the kernel takes no
+  ``deterministic`` flag.
+- Rows with no incoming gradient (PPO's clipped tokens, masked positions) are passed to the backward kernel as
+  ignored, so they are left out of its row blocks (finding them costs no host sync on the CPU).
 """
 
 from __future__ import annotations
@@ -71,9 +73,12 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     """``(grad_hidden [N, D], grad_weight [V, D] | None, grad_bias [V] | None)`` in the inputs' dtype.
 
     ``lse`` (and ``sum_pz``, needed with ``grad_entropy``) are the full-vocabulary values of the forward,
-    float32 or float64. Rows whose target is ``ignore_index`` are skipped (zero gradient). ``grad_weight`` is
-    None when ``params.compute_grad_weight`` is False (a frozen LM head: one gemm per tile less).
+    float32 or float64. Rows whose target is ``ignore_index``, and rows whose incoming gradients are zero, are
+    skipped (zero gradient). ``grad_weight`` is None when ``params.compute_grad_weight`` is False (a frozen LM
+    head: one gemm per tile less).
     """
+    live = grad_logprobs != 0 if grad_entropy is None else (grad_logprobs != 0) | (grad_entropy != 0)
+    targets = torch.where(live, targets, params.ignore_index)
     compute_grad_weight = params.compute_grad_weight
     grad_hidden, grad_weight, grad_bias = torch.ops.fastalign.linear_logprobs_bwd(
         hidden, weight, targets, bias, lse, sum_pz, grad_logprobs, grad_entropy, params.temperature,

@@ -39,8 +39,8 @@ Design (N rows, D hidden size, V vocabulary, e bytes per input element; blocks B
   (``_round_to``), since the interpreter's float32 -> bf16 cast truncates.
 
 Status and what remains for the GPU targets: the kernels compile for sm_80 and sm_90 (PTX and ptxas; a test
-checks it) but have not run on a GPU in this session, so block sizes, warps and stages are reasoned, not
-tuned. The forward has one program per N-block (128 programs at N = 8192, about one wave on an H100); the
+checks it); the tests run them under the interpreter, so block sizes, warps and stages are reasoned, not
+tuned on a GPU. The forward has one program per N-block (128 programs at N = 8192, about one wave on an H100); the
 backward recomputes the logits twice (8·N·D·V, against 6·N·D·V with one recompute, which needs either
 atomics on dh/dW or a bounded ds buffer and cuBLAS-style products); the dh/dW read-modify-writes double the
 L2 traffic of the backward tile steps.
@@ -140,7 +140,8 @@ def _fwd_kernel(p_h, p_w, p_b, p_t, p_lse, p_zt, p_spz, N, V, D, stride_h, strid
         b_z, _ = _logit_tile(p_h, p_w, p_b, o_n, o_v, m_n, m_v, D, stride_h, stride_w, scale, inv_temp, softcap,
                              HAS_BIAS, HAS_SOFTCAP, PREC, INTERP, BN, BV, BD)
         b_z = tl.where(m_v[None, :], b_z, float("-inf"))
-        b_zt += tl.sum(tl.where(o_v[None, :] == b_y[:, None], b_z, 0.0), axis=1)
+        # m_v: a target of another shard may fall in this block's padding, where z is -inf
+        b_zt += tl.sum(tl.where((o_v[None, :] == b_y[:, None]) & m_v[None, :], b_z, 0.0), axis=1)
         b_m_new = tl.maximum(b_m, tl.max(b_z, axis=1))
         b_alpha = tl.exp(b_m - b_m_new)
         b_p = tl.exp(b_z - b_m_new[:, None])

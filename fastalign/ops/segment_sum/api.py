@@ -19,8 +19,10 @@ class SegmentSumParams:
 def _segment_sum_fwd(values, cu_seqlens, params: SegmentSumParams):
     if params.impl == "torch":
         return naive.segment_sum(values, cu_seqlens)
-    from fastalign.ops.segment_sum.cpu import segment_sum_fwd
-
+    if params.impl == "cuda":
+        from fastalign.ops.segment_sum.cuda import segment_sum_fwd
+    else:
+        from fastalign.ops.segment_sum.cpu import segment_sum_fwd
     return segment_sum_fwd(values, cu_seqlens)
 
 

@@ -1,6 +1,8 @@
-"""segment_sum through fastalign._C (the torch.library op ``fastalign::segment_sum``).
+"""segment_sum launcher of the ``cpp`` impl: fastalign._C's CPU kernel (``csrc/cpu/segment_sum.cpp``), the
+torch.library op ``fastalign::segment_sum``, whose fake impl is registered here.
 
-The same op serves the ``cpp`` and ``cuda`` impls: the dispatcher picks the kernel by the tensors' device.
+The ``cuda`` impl (``cuda.py``) calls the same op on CUDA tensors: the dispatcher picks the kernel by the tensors'
+device.
 """
 
 import torch
