@@ -263,10 +263,10 @@ def test_logit_processing_and_impl_pass_through(monkeypatch):
     expected, _ = dpo_loss(sums[:B], sums[B:], ref_sums[:B], ref_sums[B:], chosen_lengths=n[:B],
                            rejected_lengths=n[B:], **LOSS)
     seen = []
-    import fastalign.losses.fused_dpo as fused
+    import fastalign.losses.sequence as sequence  # the per-sequence sums the fused loss is built on
 
-    real = fused.linear_logprobs
-    monkeypatch.setattr(fused, "linear_logprobs", lambda *a, **k: seen.append(k["impl"]) or real(*a, **k))
+    real = sequence.linear_logprobs
+    monkeypatch.setattr(sequence, "linear_logprobs", lambda *a, **k: seen.append(k["impl"]) or real(*a, **k))
     loss, _ = fused_linear_dpo_loss(h, w, labels, b, cu_seqlens=cu, ref_hidden=ref[0], ref_weight=ref[1],
                                     ref_bias=ref[2], impl="torch", **opts, **LOSS)
     assert_close_to_ref(loss, expected, atol=1e-12)
