@@ -21,6 +21,7 @@ This module holds that knowledge:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +41,19 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class Head:
-    """An LM head as ``linear_logprobs`` sees it: ``z = process(hidden @ weight.T + bias)``, with ``options``
-    (``softcap``, ``logit_scale``) giving ``process``."""
+    """An LM head as ``linear_logprobs`` sees it: ``z = process(transform(hidden) @ weight.T + bias)``, with
+    ``options`` (``softcap``, ``logit_scale``) giving ``process`` and ``transform`` (None: identity) the model's own
+    layers between the decoder's final hidden states and the linear layer (BERT-style dense + activation +
+    LayerNorm heads; differentiable, so gradients reach them)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     options: dict
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def inputs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the linear layer sees: ``transform(hidden)`` (``hidden`` itself without a transform)."""
+        return hidden if self.transform is None else self.transform(hidden)
 
 
 def _architecture(model) -> str:
@@ -54,43 +62,140 @@ def _architecture(model) -> str:
     return f"{names[0]} (model_type={getattr(config, 'model_type', '?')!r})"
 
 
+# Every config attribute fastalign knows to process the logits, written once: (attribute, model types it means
+# this for (None: every other model), what it does). "softcap": z = c * tanh(z / c); "multiply" / "divide":
+# logit_scale *= or /= the value. The first row of an attribute whose model types match wins. A scale applied to
+# the hidden states before a bias-free LM head (MiniCPM3, Inkling) is the same scale on the logits. As read in
+# transformers 5.24's modeling code; :func:`check_model` catches what this table misses.
+LOGIT_PROCESSING = (
+    ("final_logit_softcapping", None, "softcap"),  # Gemma 2/3/3n/4, VaultGemma, nanochat, Beam, Inkling-2
+    ("logits_soft_cap", None, "softcap"),  # RecurrentGemma
+    ("output_logit_soft_cap", None, "softcap"),  # xLSTM
+    ("logit_scale", None, "multiply"),  # Cohere, Cohere2 (MoE), Cohere Compass
+    ("logits_scaling", ("hyperclovax",), "multiply"),  # HyperCLOVAX: lm_head(h) * logits_scaling
+    ("logits_scaling", None, "divide"),  # the Granite family: lm_head(h) / s; MiniCPM3: lm_head(h / s)
+    ("lm_head_multiplier", None, "multiply"),  # FalconH1
+    ("logits_mup_width_multiplier", None, "divide"),  # Inkling: lm_head(h / m)
+)
+
+
 def head_options(config) -> dict:
-    """``linear_logprobs`` options (``softcap``, ``logit_scale``) of a config's logit processing.
+    """``linear_logprobs`` options (``softcap``, ``logit_scale``) of a config's logit processing, by
+    :data:`LOGIT_PROCESSING` (read from the text config of a multimodal model)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = {getattr(config, "model_type", None), getattr(text, "model_type", None)}
+    softcap, scale, seen = None, 1.0, set()
+    for attribute, model_types, how in LOGIT_PROCESSING:
+        if attribute in seen or (model_types is not None and not types & set(model_types)):
+            continue
+        seen.add(attribute)
+        value = getattr(text, attribute, None)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value == 0:  # unset: none
+            continue
+        if how == "softcap":
+            softcap = float(value)
+        else:
+            scale = scale * float(value) if how == "multiply" else scale / float(value)
+    return {"softcap": softcap, "logit_scale": scale}
 
-    Gemma-2/3 ``final_logit_softcapping`` (``softcap * tanh(z / softcap)``), Cohere ``logit_scale`` (multiplies)
-    and Granite ``logits_scaling`` (divides).
-    """
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = float(getattr(config, "logit_scale", None) or 1.0)
-    scale /= float(getattr(config, "logits_scaling", None) or 1.0)
-    options = {"softcap": float(softcap) if softcap else None, "logit_scale": scale}
-    return options
+
+# Model types whose logits fastalign cannot compute from the decoder's final hidden states, and why.
+UNSUPPORTED = {
+    "prophetnet": "its logits come from the n-gram predicting streams, not from the decoder's main-stream "
+                  "last_hidden_state",
+}
+# LM-head transforms that sit beside the output embedding instead of around it: model type -> the child module
+# the model's forward applies to the final hidden states before the output embedding.
+SIDE_TRANSFORMS = {"electra": "generator_predictions", "modernbert-decoder": "lm_head"}
 
 
-def output_head(model) -> Head:
+class _Captured(Exception):
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+
+def _inputs_of(model, head: nn.Module, emb: nn.Module):
+    """The transform of an LM head module that wraps its output embedding (BERT's ``cls``, RoBERTa's ``lm_head``):
+    ``hidden -> `` what ``head``'s own forward feeds ``emb``, computed by running it up to ``emb`` and no further."""
+
+    def hook(module, args):
+        raise _Captured(args[0])
+
+    def transform(hidden):
+        handle = emb.register_forward_pre_hook(hook)
+        try:
+            head(hidden)
+        except _Captured as captured:
+            return captured.value
+        finally:
+            handle.remove()
+        raise UnsupportedModelError(f"{_architecture(model)}: its LM head ({type(head).__name__}) did not call its "
+                                    f"output embedding ({type(emb).__name__}) on the final hidden states")
+
+    return transform
+
+
+def _head_transform(model, emb: nn.Module):
+    """The layers the model applies between the decoder's final hidden states and ``emb`` (None: none)."""
+    side = SIDE_TRANSFORMS.get(getattr(model.config, "model_type", None))
+    if side is not None:
+        return getattr(model, side)
+    path = next((name for name, m in model.named_modules() if m is emb), None)
+    if path is None or "." not in path:  # the output embedding is a direct child: nothing in between
+        return None
+    parent = model.get_submodule(path.split(".")[0])
+    inputs = model.get_input_embeddings()
+    if any(m is inputs for m in parent.modules()):  # it lives inside the decoder (or the whole model)
+        return None
+    return _inputs_of(model, parent, emb)
+
+
+def output_head(model, *, allow_transform: bool = False) -> Head:
     """The LM head of ``model`` (its output embedding, tied or not) with its logit processing.
 
+    A BERT-style head (dense + activation + LayerNorm before the linear layer) comes back with its ``transform``
+    when ``allow_transform`` (callers then feed :meth:`Head.inputs` to the linear layer); a caller that feeds the
+    hidden states to ``weight`` directly leaves it False and gets the error instead of wrong values.
+
     Raises :class:`UnsupportedModelError`, naming the architecture, when the model has no linear ``[V, D]`` output
-    embedding fastalign can use.
+    embedding fastalign can use, or a head transform the caller does not apply.
     """
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in UNSUPPORTED:
+        raise UnsupportedModelError(f"{_architecture(model)}: {UNSUPPORTED[model_type]}, so fastalign cannot "
+                                    f"compute its log-probabilities from them")
     emb = model.get_output_embeddings()
     weight = getattr(emb, "weight", None)
-    d = getattr(model.config, "hidden_size", None)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    transform = _head_transform(model, emb) if isinstance(emb, nn.Module) else None
+    d = None if transform is not None else getattr(text, "hidden_size", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or (d and weight.shape[1] != d):
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
         raise UnsupportedModelError(
             f"{_architecture(model)}: its output embedding ({type(emb).__name__}, weight shape {shape}) is not a "
             f"linear [vocab, hidden_size={d}] layer on the decoder's final hidden states, so fastalign "
             f"cannot compute its log-probabilities without logits")
+    if transform is not None and not allow_transform:
+        raise UnsupportedModelError(
+            f"{_architecture(model)}: its LM head transforms the final hidden states before the linear layer "
+            f"(BERT-style); this caller feeds them to the linear layer directly. Use head_logprobs / "
+            f"causal_lm_logprobs, which apply the transform.")
     bias = getattr(emb, "bias", None)
-    return Head(weight, bias if isinstance(bias, torch.Tensor) else None, head_options(model.config))
+    bias = bias if isinstance(bias, torch.Tensor) else None
+    vocab = getattr(text, "unpadded_vocab_size", None)  # Inkling: logits cut to the unpadded vocabulary
+    if isinstance(vocab, int) and 0 < vocab < weight.shape[0]:
+        weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
+    return Head(weight, bias, head_options(model.config), transform)
 
 
 def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, **options):
     """``log_softmax(model's logits).gather(targets)`` from final hidden states ``[..., D]`` through ``model``'s
     LM head, without the logits: :func:`fastalign.linear_logprobs` with the head's processing; ``options`` are
-    ``linear_logprobs``'s (``return_entropy``, ``temperature``, ``impl``, ...; they win over the head's)."""
-    head = output_head(model)
+    ``linear_logprobs``'s (``return_entropy``, ``temperature``, ``impl``, ...; they win over the head's). A
+    BERT-style head's transform is applied to ``hidden`` first."""
+    head = output_head(model, allow_transform=True)
+    hidden = head.inputs(hidden)
     weight = head.weight.to(hidden.dtype)
     bias = None if head.bias is None else head.bias.to(hidden.dtype)
     return linear_logprobs(hidden, weight, targets, bias, **{**head.options, **options})
@@ -100,14 +205,36 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, **options)
 
 
 def decoder(model) -> nn.Module:
-    """The model without its LM head: the module whose forward returns ``last_hidden_state``."""
-    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if dec is None or dec is model or dec is model.get_output_embeddings():
-        dec = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if not isinstance(dec, nn.Module) or dec is model:
-        raise UnsupportedModelError(f"{_architecture(model)}: cannot find its decoder (the model without its LM "
-                                    f"head): get_decoder() returned {type(dec).__name__}")
-    return dec
+    """The model without its LM head: the module whose forward returns ``last_hidden_state``.
+
+    ``get_decoder()`` when it is such a module, else the base model (``base_model_prefix``), else the one child
+    that holds the input embeddings and not the output embedding (``get_decoder()`` returns the CausalLM itself on
+    Llama-4 text and the LM head on the ModernBERT decoder).
+    """
+    out = model.get_output_embeddings()
+    try:
+        inputs = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        inputs = None
+    if inputs is None:
+        inputs = nn.Module()  # held by nothing: no candidate qualifies
+
+    def is_decoder(m) -> bool:
+        if not isinstance(m, nn.Module) or m is model:
+            return False
+        inside = [x for x in m.modules() if x is inputs or x is out]
+        return any(x is inputs for x in inside) and (out is inputs or not any(x is out for x in inside))
+
+    got = model.get_decoder() if hasattr(model, "get_decoder") else None
+    candidates = [got, getattr(model, getattr(model, "base_model_prefix", "") or "model", None)]
+    found = next((m for m in candidates if is_decoder(m)), None)
+    if found is None:
+        children = [m for m in model.children() if is_decoder(m)]
+        found = children[0] if len(children) == 1 else None
+    if found is None:
+        raise UnsupportedModelError(f"{_architecture(model)}: cannot find its decoder (the module holding the input "
+                                    f"embeddings and not the LM head): get_decoder() returned {type(got).__name__}")
+    return found
 
 
 def final_hidden(model, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, max_seqlen=None):
@@ -324,37 +451,45 @@ def check_model(model, *, seed: int = 0) -> float:
     """Check that fastalign's fused log-probabilities of ``model`` equal those of its own logits; return the max
     absolute error (nats per token). Raises :class:`UnsupportedModelError` naming the architecture and the error.
 
-    Two short random sequences (7 tokens, and 5 right-padded), in the model's dtype on its device, in eval mode;
-    the tolerance is 1e-3 nats (+1e-3 relative) in float32/float64 and 0.1 (+2e-2 relative) in 16-bit dtypes,
-    far below the 20+ nats per token a missing logit transform costs.
+    Two short random sequences (7 tokens, and 5 right-padded), in the model's dtype on its device, in eval mode,
+    through both paths: :func:`causal_lm_logprobs` (per token) and the trainers' :class:`SequenceLogps` (per
+    sequence, per scored token). The tolerance is 1e-3 nats (+1e-3 relative) in float32/float64 and 0.1 (+2e-2
+    relative) in 16-bit dtypes, far below the 20+ nats per token a missing logit transform costs.
     """
     param = next(model.parameters())
     g = torch.Generator().manual_seed(seed)
-    vocab = output_head(model).weight.shape[0]
+    vocab = output_head(model, allow_transform=True).weight.shape[0]
     ids = torch.randint(vocab, (2, 7), generator=g).to(param.device)
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
     was_training = model.training
     model.eval()
+    path = "causal_lm_logprobs"
     try:
         got = causal_lm_logprobs(model, ids, mask)
+        path = "the trainers' SequenceLogps"
+        seq, n = SequenceLogps(model)(ids, ids.masked_fill(mask == 0, -100), attention_mask=mask)
+        path = "the model's own forward"
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-    except UnsupportedModelError:
-        raise
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{e} (the self-check, in {path})") from e
     except Exception as e:  # a crash inside the model's own code is reported as the model's, with its cause
-        raise UnsupportedModelError(f"{_architecture(model)}: the self-check failed to run: "
+        raise UnsupportedModelError(f"{_architecture(model)}: the self-check failed to run {path}: "
                                     f"{type(e).__name__}: {e}") from e
     finally:
         model.train(was_training)
     want = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
     valid = (mask[:, 1:] == 1) & (mask[:, :-1] == 1)
-    err = float((got - want).abs()[valid].max())
     scale = float(want.abs()[valid].max())
     atol, rtol = (1e-3, 1e-3) if param.dtype in (torch.float32, torch.float64) else (0.1, 2e-2)
-    if not err <= atol + rtol * scale:  # (NaN fails too)
-        raise UnsupportedModelError(
-            f"{_architecture(model)}: fastalign's log-probabilities differ from the model's own logits by up to "
-            f"{err:.3g} nats per token (tolerance {atol + rtol * scale:.3g}): its logit processing is not one "
-            f"fastalign knows (options read from the config: {output_head(model).options}). Pass "
-            f"check_model=false only if you know the fused path is right for this model.")
-    return err
+    errors = {"causal_lm_logprobs": float((got - want).abs()[valid].max()),  # per sequence over its tokens:
+              "the trainers' SequenceLogps": float(((seq.float() - (want * valid).sum(1)).abs() / n).max())}
+    for path, err in errors.items():
+        if not err <= atol + rtol * scale:  # (NaN fails too)
+            raise UnsupportedModelError(
+                f"{_architecture(model)}: fastalign's log-probabilities ({path}) differ from the model's own logits "
+                f"by up to {err:.3g} nats per token (tolerance {atol + rtol * scale:.3g}): its logit processing is "
+                f"not one fastalign knows (options read from the config: "
+                f"{output_head(model, allow_transform=True).options}). Pass check_model=false only if you know "
+                f"the fused path is right for this model.")
+    return max(errors.values())

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from fastalign import causal_lm_logprobs, linear_logprobs
-from fastalign.hf import final_hidden, output_head
+from fastalign.hf import (
+    SequenceLogps,
+    UnsupportedModelError,
+    check_model,
+    decoder,
+    final_hidden,
+    output_head,
+    scored_tokens,
+)
+from fastalign.losses.sequence import sequence_logps
 from fastalign.ops.logprobs import api
 from fastalign.testing import assert_close_to_ref
 
@@ -80,3 +89,117 @@ def test_options_override_the_config():
     want_lp, want_ent = linear_logprobs(hidden, model.get_output_embeddings().weight, ids[:, 1:], return_entropy=True)
     assert torch.equal(lp, want_lp) and torch.equal(ent, want_ent)
     assert not torch.equal(lp, causal_lm_logprobs(model, ids))  # the config's softcap of 3 matters
+
+
+# ---- architecture coverage: bench/hf_sweep.py's checks on a fast subset, the self-check, the full sweep ---------
+
+sweep = pytest.importorskip("bench.hf_sweep")
+
+FAST = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "opt",
+        "cohere", "granite", "falcon_h1", "recurrent_gemma", "olmo2", "stablelm", "llama4_text", "hyperclovax"]
+# the logit processing each must be read with (sweep.LOGIT_KNOBS sharpens the family's defaults)
+EXPECTED_OPTIONS = {"gemma2": {"softcap": 3.0}, "gemma3_text": {}, "cohere": {"logit_scale": 0.25},
+                    "granite": {"logit_scale": 0.25}, "falcon_h1": {"logit_scale": 0.5},
+                    "recurrent_gemma": {"softcap": 3.0}, "hyperclovax": {"logit_scale": 4.0}}
+
+
+def _family(model_type):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sweep.check_family(model_type, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+
+
+@pytest.mark.parametrize("model_type", FAST)
+def test_family_matches_its_own_logits_on_every_path(model_type):
+    """check_model, causal_lm_logprobs and SequenceLogps (padded and packed) against the model's logits."""
+    row = _family(model_type)
+    assert row["status"] == "pass", (row.get("stage"), row["detail"])
+    want = {"check_model", "causal_lm_logprobs", "SequenceLogps padded"} | (
+        {"SequenceLogps packed"} if row["packing"] == "apart" else set())
+    assert set(row["paths"]) == want and set(row["paths"].values()) == {"ok"}
+    assert row["options"] == EXPECTED_OPTIONS.get(model_type, {})
+
+
+def test_bert_style_head_transform():
+    """RoBERTa's LM head (dense + GELU + LayerNorm before the linear layer): causal_lm_logprobs applies it, and a
+    caller that feeds hidden states to the weight directly gets the clear error instead of wrong values."""
+    row = _family("roberta")
+    assert row["head_transform"] and row["paths"]["causal_lm_logprobs"] == "ok"
+    if row["status"] != "pass":  # the trainers' SequenceLogps does not apply head transforms (yet)
+        assert row["status"] == "clear error" and "RobertaForCausalLM (model_type='roberta')" in row["detail"]
+        assert "transforms the final hidden states before the linear layer" in row["detail"]
+    model = sweep.build("roberta", "RobertaForCausalLM")
+    with pytest.raises(UnsupportedModelError, match=r"RobertaForCausalLM .*\(BERT-style\)"):
+        output_head(model)
+    ids = torch.randint(0, 128, (2, 6))
+    lp = causal_lm_logprobs(model, ids)
+    lp.sum().backward()  # the transform's own layers get gradients
+    assert model.lm_head.dense.weight.grad.abs().sum() > 0 and model.lm_head.layer_norm.weight.grad.abs().sum() > 0
+
+
+def test_unsupported_family_raises_the_clear_error():
+    row = _family("prophetnet")
+    assert row["status"] == "clear error" and "ProphetNetForCausalLM (model_type='prophetnet')" in row["detail"]
+    assert "n-gram predicting streams" in row["detail"]
+
+
+def test_decoder_found_where_get_decoder_returns_the_model_itself():
+    model = sweep.build("llama4_text", "Llama4ForCausalLM")
+    assert model.get_decoder() is model  # (transformers 5.x) what decoder() must see through
+    assert decoder(model) is model.model
+
+
+def test_granite_trainer_path_equals_the_models_logits():
+    """Regression: the trainers' SequenceLogps once missed Granite's logits_scaling that causal_lm_logprobs had."""
+    model = sweep.build("granite", "GraniteForCausalLM")
+    assert model.config.logits_scaling == 4.0
+    batch, _ = sweep.batches(128)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    got, n = SequenceLogps(model)(ids, labels, attention_mask=mask)
+    ref32, ref64 = (sweep.references(m, batch, _)[1] for m in (model, copy.deepcopy(model).double()))
+    assert_close_to_ref(got, ref64, ref32, atol=1e-5 * int(n.max()), name="granite SequenceLogps")
+    head = output_head(model)
+    assert head.options["logit_scale"] == 0.25
+    with torch.no_grad():  # the same sums without the scaling are far off: the check above can fail
+        h, targets, cu = scored_tokens(model, ids, labels, attention_mask=mask)
+        wrong = sequence_logps(h, head.weight, targets, cu_seqlens=cu)[0]
+    assert (wrong.double() - ref64).abs().max() > 1.0
+
+
+def test_check_model_passes_on_a_supported_model():
+    model = sweep.build("llama", "LlamaForCausalLM")
+    assert check_model(model) < 1e-4
+
+
+def test_check_model_catches_logits_processed_in_an_unknown_way(monkeypatch):
+    model = sweep.build("llama", "LlamaForCausalLM")
+    forward = model.forward
+
+    def scaled(*args, **kwargs):  # a model whose forward scales its logits where no config says so
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    monkeypatch.setattr(model, "forward", scaled)
+    with pytest.raises(UnsupportedModelError, match=r"LlamaForCausalLM \(model_type='llama'\): fastalign's "
+                                                    r"log-probabilities \(causal_lm_logprobs\) differ .* check_model"):
+        check_model(model)
+
+
+def test_check_model_catches_a_missing_table_entry(monkeypatch):
+    """Without the table's Granite row, the self-check refuses Granite (it does not trust the table)."""
+    import fastalign.hf as hf
+
+    model = sweep.build("granite", "GraniteForCausalLM")
+    monkeypatch.setattr(hf, "LOGIT_PROCESSING", tuple(r for r in hf.LOGIT_PROCESSING if r[0] != "logits_scaling"))
+    with pytest.raises(UnsupportedModelError, match=r"GraniteForCausalLM \(model_type='granite'\): .* differ"):
+        check_model(model)
+
+
+@pytest.mark.slow
+def test_every_causal_lm_family_passes_or_raises_the_clear_error():
+    """The whole sweep (about a minute on two cores): no family is silently wrong or crashes."""
+    rows = sweep.sweep(log=None)
+    failed = {r["model_type"]: f"{r['stage']}: {r['detail'][:300]}" for r in rows if r["status"] == "FAIL"}
+    assert not failed, failed
+    assert sum(r["status"] == "pass" for r in rows) >= 100
