@@ -22,7 +22,7 @@ The reference is the model's forward in float64 (a copy) and in float32, by the 
   ``input_ids`` + ``attention_mask`` alone (the reason is recorded);
 - ``FAIL``: silently wrong values, or a crash other than the clear error. The target is none.
 
-    python -m bench.hf_sweep                                   # all families -> bench/results/hf_sweep.json
+    python -m bench.hf_sweep --docs docs/models.md             # all families -> bench/results/hf_sweep.json + docs
     python -m bench.hf_sweep --only llama,granite --out /tmp/x.json
 """
 
@@ -32,6 +32,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import time
 import traceback
 import warnings
@@ -276,12 +277,37 @@ def sweep(only=None, log=print) -> list[dict]:
     return rows
 
 
+def docs_table(rows: list[dict]) -> str:
+    """The architecture table of docs/models.md, from the sweep's rows."""
+    lines = ["| model_type | class | status | logit processing read | packed sequences | note |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["model_type"]):
+        read = [f"{k}={v:g}" for k, v in (r.get("options") or {}).items()]
+        if r.get("head_transform"):
+            read.append("head transform")
+        packing = str(r.get("packing", "")).split(" ")[0]
+        note = "" if r["status"] == "pass" else r["detail"].split("): ", 1)[-1][:100].replace("|", "/")
+        lines.append(f"| {r['model_type']} | {r['class']} | {r['status']} | {', '.join(read)} | {packing} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(path: str, counts: dict, rows: list[dict]) -> None:
+    """Rewrite the counts line and the table of ``path`` (docs/models.md) from a sweep."""
+    text = open(path).read()
+    head = text[:text.index("| model_type | class |")]
+    summary = ", ".join(f"{counts[k]} {k}" for k in ("pass", "clear error", "skipped", "FAIL"))
+    head = re.sub(r"\*\*\d+ pass, \d+ clear error, \d+ skipped, \d+ FAIL\*\*", f"**{summary}**", head)
+    with open(path, "w") as f:
+        f.write(head + docs_table(rows))
+
+
 def main(argv=None):
     import transformers
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(_harness.RESULTS, "hf_sweep.json"))
     p.add_argument("--only", default="", help="comma-separated model_types (default: every family)")
+    p.add_argument("--docs", default="", help="also rewrite the counts and the table of this page (docs/models.md)")
     args = p.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     rows = sweep([s for s in args.only.split(",") if s] or None)
@@ -292,6 +318,9 @@ def main(argv=None):
     with open(args.out, "w") as f:
         json.dump({"env": env, "counts": counts, "rows": rows}, f, indent=1)
     print(f"wrote {args.out}")
+    if args.docs:
+        write_docs(args.docs, counts, rows)
+        print(f"wrote {args.docs}")
     return 1 if counts["FAIL"] else 0
 
 

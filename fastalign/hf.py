@@ -311,7 +311,8 @@ class SequenceLogps(nn.Module):
 
     def forward(self, input_ids, labels, **batch):
         h, targets, cu = scored_tokens(self.lm, input_ids, labels, **batch)
-        head = output_head(self.lm)
+        head = output_head(self.lm, allow_transform=True)
+        h = head.inputs(h)
         bias = None if head.bias is None else head.bias.to(h.dtype)
         return sequence_logps(h, head.weight.to(h.dtype), targets, bias, cu_seqlens=cu, **head.options)
 

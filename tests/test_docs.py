@@ -27,10 +27,6 @@ SETUP = "\n".join([
     "",
 ])
 
-# Pages linked before they land (written by a concurrent change). A missing one is tolerated; once it exists it is
-# checked like any other link. Remove an entry when its page is committed.
-PENDING = {"docs/dpo_loss_types.md", "docs/models.md"}
-
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")  # [text](target) and ![alt](target)
 _RESULT = re.compile(r"bench/results/[\w.\-]+\.json")
 
@@ -63,7 +59,7 @@ def test_relative_links_point_to_existing_files(page):
     for target in _relative_links(page):
         path = (page.parent / target).resolve()
         rel = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
-        if not path.exists() and rel not in PENDING:
+        if not path.exists():
             broken.append(f"{target} (-> {rel})")
     assert not broken, f"{page.relative_to(ROOT)}: links to missing files: {broken}"
 

@@ -121,20 +121,20 @@ def test_family_matches_its_own_logits_on_every_path(model_type):
 
 
 def test_bert_style_head_transform():
-    """RoBERTa's LM head (dense + GELU + LayerNorm before the linear layer): causal_lm_logprobs applies it, and a
-    caller that feeds hidden states to the weight directly gets the clear error instead of wrong values."""
+    """RoBERTa's LM head (dense + GELU + LayerNorm before the linear layer): causal_lm_logprobs and the trainers'
+    SequenceLogps apply it (every path matches the model's logits, gradients reach the head's layers), and a caller
+    that feeds hidden states to the weight directly gets the clear error instead of wrong values."""
     row = _family("roberta")
-    assert row["head_transform"] and row["paths"]["causal_lm_logprobs"] == "ok"
-    if row["status"] != "pass":  # the trainers' SequenceLogps does not apply head transforms (yet)
-        assert row["status"] == "clear error" and "RobertaForCausalLM (model_type='roberta')" in row["detail"]
-        assert "transforms the final hidden states before the linear layer" in row["detail"]
+    assert row["head_transform"] and row["status"] == "pass", (row.get("stage"), row["detail"])
+    assert set(row["paths"].values()) == {"ok"}
     model = sweep.build("roberta", "RobertaForCausalLM")
     with pytest.raises(UnsupportedModelError, match=r"RobertaForCausalLM .*\(BERT-style\)"):
         output_head(model)
     ids = torch.randint(0, 128, (2, 6))
-    lp = causal_lm_logprobs(model, ids)
-    lp.sum().backward()  # the transform's own layers get gradients
-    assert model.lm_head.dense.weight.grad.abs().sum() > 0 and model.lm_head.layer_norm.weight.grad.abs().sum() > 0
+    for lp in (causal_lm_logprobs(model, ids), SequenceLogps(model)(ids, ids)[0]):
+        model.zero_grad()
+        lp.sum().backward()  # the transform's own layers get gradients
+        assert model.lm_head.dense.weight.grad.abs().sum() > 0 and model.lm_head.layer_norm.weight.grad.abs().sum() > 0
 
 
 def test_unsupported_family_raises_the_clear_error():
