@@ -1,5 +1,5 @@
 """The embedded demo of README command 1 and its online counterpart, measured in one run: writes
-``bench/results/demo_cpu.json`` (the figures the README and docs/ppo.md quote).
+``bench/results/demo_cpu.json`` (the figures the README, docs/ppo.md and docs/grpo.md quote).
 
 Each command runs in a fresh process in an empty directory, with no arguments but its output directory, as a new
 user would run it; each starts from its own SFT warm start of the embedded model (600 steps, seeded: the same
@@ -9,8 +9,10 @@ weights in every run, checked here by their sha256):
 2. ``fastalign ppo``: the same warm start, then PPO rewarded by the addition task's exact-sum function.
 3. ``fastalign rm`` on the warm start, then ``fastalign ppo reward_model=...``: PPO rewarded by a learned reward
    model instead (the warm start is reused, not retrained).
+4. ``fastalign grpo``: the same warm start, then GRPO (no critic, groups of completions per prompt) rewarded by
+   the exact-sum function.
 
-    python -m bench.demo            # about 8 minutes on 2 CPU cores
+    python -m bench.demo            # about 11 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -38,13 +40,14 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(_harness.RESULTS, "demo_cpu.json"))
     args = p.parse_args(argv)
-    result = {"benchmark": "the embedded demo: fastalign dpo and fastalign ppo (reward function, reward model) "
-                           "from the same SFT warm start, each a fresh process in an empty directory",
+    result = {"benchmark": "the embedded demo: fastalign dpo, fastalign ppo (reward function, reward model) and "
+                           "fastalign grpo from the same SFT warm start, each a fresh process in an empty directory",
               "environment": _harness.environment("cpu"), "load_avg_1min_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         runs = {"dpo": _harness.fastalign_command("dpo", tmp, output_dir="runs/dpo"),
-                "ppo": _harness.fastalign_command("ppo", tmp, output_dir="runs/ppo")}
+                "ppo": _harness.fastalign_command("ppo", tmp, output_dir="runs/ppo"),
+                "grpo": _harness.fastalign_command("grpo", tmp, output_dir="runs/grpo")}
         starts = {k: weights_sha(tmp / "runs" / k / "sft_warmup" / "final") for k in runs}
         warm = tmp / "runs" / "ppo" / "sft_warmup"
         runs["rm"] = _harness.fastalign_command("rm", tmp, model=str(warm / "final"), output_dir="runs/rm")
@@ -63,6 +66,10 @@ def main(argv=None) -> dict:
     ppo_keys = ("exact_match before", "exact_match after", "objective/scores first", "objective/scores last",
                 "objective/kl last", "tokens_per_second last", "time/generation mean", "time/scoring mean",
                 "time/training mean", "policy/ratio_max_abs_dev_first_minibatch max")
+    grpo_keys = ("exact_match before", "exact_match after", "reward first", "reward last",
+                 "frac_reward_zero_std first", "frac_reward_zero_std last", "tokens_per_second last",
+                 "time/generation mean", "time/scoring mean", "time/training mean",
+                 "policy/ratio_max_abs_dev_first_minibatch max")
     result["table"] = {
         "dpo": {**brief(runs["dpo"], ("exact_match before", "exact_match after", "eval_rewards/accuracies after")),
                 "wall_seconds": runs["dpo"]["wall_seconds"], "peak_rss_mib": runs["dpo"]["peak_rss_mib"]},
@@ -72,7 +79,9 @@ def main(argv=None) -> dict:
                                                  "rm eval_accuracy after": runs["rm"]["summary"].get(
                                                      "eval_accuracy after"),
                                                  "wall_seconds": runs["ppo_rm"]["wall_seconds"],
-                                                 "peak_rss_mib": runs["ppo_rm"]["peak_rss_mib"]}}
+                                                 "peak_rss_mib": runs["ppo_rm"]["peak_rss_mib"]},
+        "grpo (reward_fn=embedded)": {**brief(runs["grpo"], grpo_keys), "wall_seconds": runs["grpo"]["wall_seconds"],
+                                      "peak_rss_mib": runs["grpo"]["peak_rss_mib"]}}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result["table"], indent=1))
     print(f"same start: {result['same_start']}; wrote {args.out}")

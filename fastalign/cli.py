@@ -10,12 +10,24 @@ TRAIN_COMMANDS = {
     "rm": "train a reward model (prompt/chosen/rejected rows)",
     "dpo": "DPO-family preference optimization (prompt/chosen/rejected rows)",
     "ppo": "PPO with a critic on prompt rows, rewarded by a reward function or a reward model",
+    "grpo": "critic-free group RL (GRPO, Dr. GRPO, RLOO, REINFORCE++) on prompt rows, rewarded like ppo",
 }
 
 
 def _train(command: str, argv: list[str]) -> int:
     from fastalign.hf import UnsupportedModelError
-    from fastalign.train import DPOConfig, PPOConfig, RMConfig, SFTConfig, train_dpo, train_ppo, train_rm, train_sft
+    from fastalign.train import (
+        DPOConfig,
+        GRPOConfig,
+        PPOConfig,
+        RMConfig,
+        SFTConfig,
+        train_dpo,
+        train_grpo,
+        train_ppo,
+        train_rm,
+        train_sft,
+    )
     from fastalign.train.checkpoint import CheckpointError
     from fastalign.train.common import TrainingDiverged
     from fastalign.train.config import ConfigError, parse_args
@@ -23,7 +35,7 @@ def _train(command: str, argv: list[str]) -> int:
     from fastalign.train.rewards import RewardError
 
     cls, fn = {"sft": (SFTConfig, train_sft), "rm": (RMConfig, train_rm), "dpo": (DPOConfig, train_dpo),
-               "ppo": (PPOConfig, train_ppo)}[command]
+               "ppo": (PPOConfig, train_ppo), "grpo": (GRPOConfig, train_grpo)}[command]
     try:
         fn(parse_args(cls, command, argv, f"fastalign {command}: {TRAIN_COMMANDS[command]}. {cls.__doc__}"))
     except (ConfigError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError, UnsupportedModelError,

@@ -185,16 +185,10 @@ def warm_start_config(cfg: TrainConfig, **own) -> SFTConfig:
 
 
 @dataclass
-class PPOConfig(WarmStartConfig):
-    """``fastalign ppo``: PPO with a critic on prompt rows (``prompt``, or chat ``messages``; the ``completion``
-    column, when present, is ignored), rewarded by a reward function or a reward model. One step is one PPO
-    update: rollouts, then ``ppo_epochs`` passes over ``num_mini_batches`` minibatches (one optimizer step each)."""
+class RolloutConfig(WarmStartConfig):
+    """Options of the commands that learn from their own sampled completions (ppo, grpo): the sampling, the
+    reward, the micro-batch size of the update, and their logging defaults."""
 
-    max_steps: int = field(default=400, metadata={"help": "PPO updates (each: rollouts + ppo_epochs x "
-                                                 "num_mini_batches optimizer steps)"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "actor (policy) peak learning rate; the study's "
-                                                         "default for real models is 1e-5"})
-    critic_learning_rate: float = field(default=1e-3, metadata={"help": "critic peak learning rate (study: 5e-6)"})
     warmup_steps: int = 0
     eval_steps: int = 50
     save_steps: int = 100
@@ -205,19 +199,32 @@ class PPOConfig(WarmStartConfig):
     rollout_batch_size: int = field(default=128, metadata={
         "help": "prompts sampled per update on each rank (the study: 512 rollouts per update)"})
     num_mini_batches: int = field(default=2, metadata={"help": "minibatches (optimizer steps) per PPO epoch"})
-    ppo_epochs: int = field(default=1, metadata={"help": "passes over the rollout batch per update"})
     reward_fn: str = field(default="embedded", metadata={
         "help": "'module:function' or 'file.py:function' taking (prompts, completions) lists of str and returning "
                 "one float per completion; 'embedded': the addition task's exact-sum reward; ignored when "
                 "reward_model is given"})
     reward_model: str = field(default="", metadata={"help": "a reward model saved by `fastalign rm` (its "
                                                     "final/ directory); overrides reward_fn"})
-    critic_model: str = field(default="", metadata={
-        "help": "initial critic (a model dir; its value_head.safetensors if present); default: the reward model "
-                "when given, else the starting policy with a new value head"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts"})
     top_k: int = field(default=0, metadata={"help": "sample among the k likeliest tokens (0: all; study: 200)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (1: off)"})
+
+
+@dataclass
+class PPOConfig(RolloutConfig):
+    """``fastalign ppo``: PPO with a critic on prompt rows (``prompt``, or chat ``messages``; the ``completion``
+    column, when present, is ignored), rewarded by a reward function or a reward model. One step is one PPO
+    update: rollouts, then ``ppo_epochs`` passes over ``num_mini_batches`` minibatches (one optimizer step each)."""
+
+    max_steps: int = field(default=400, metadata={"help": "PPO updates (each: rollouts + ppo_epochs x "
+                                                 "num_mini_batches optimizer steps)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "actor (policy) peak learning rate; the study's "
+                                                         "default for real models is 1e-5"})
+    critic_learning_rate: float = field(default=1e-3, metadata={"help": "critic peak learning rate (study: 5e-6)"})
+    ppo_epochs: int = field(default=1, metadata={"help": "passes over the rollout batch per update"})
+    critic_model: str = field(default="", metadata={
+        "help": "initial critic (a model dir; its value_head.safetensors if present); default: the reward model "
+                "when given, else the starting policy with a new value head"})
     missing_eos_penalty: float = field(default=0.0, metadata={
         "help": "subtracted from the score of a completion that did not end with EOS within max_new_tokens"})
     reward_clip: float = field(default=20.0, metadata={"help": "clip scores to [-reward_clip, reward_clip] "
@@ -250,6 +257,49 @@ class PPOConfig(WarmStartConfig):
         "help": "EMA reference: after each optimizer step ref = decay * ref + (1 - decay) * policy (the study's "
                 "third factor, e.g. 0.99); 0: frozen reference"})
 
+
+
+GRPO_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+@dataclass
+class GRPOConfig(RolloutConfig):
+    """``fastalign grpo``: critic-free group RL on prompt rows (GRPO, Dr. GRPO, RLOO, REINFORCE++-baseline),
+    rewarded by a reward function or a reward model. One step is one update: ``num_generations`` completions of
+    each of ``rollout_batch_size`` prompts, their group advantages, then ``num_iterations`` passes over
+    ``num_mini_batches`` minibatches (one optimizer step each). Names follow TRL's ``GRPOConfig``."""
+
+    max_steps: int = field(default=1500, metadata={"help": "updates (each: one generation batch + num_iterations x "
+                                                  "num_mini_batches optimizer steps)"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "peak learning rate (TRL's default for real "
+                                                         "models is 1e-6)"})
+    eval_steps: int = 100
+    rollout_batch_size: int = field(default=32, metadata={
+        "help": "prompts per update on each rank, each sampled num_generations times"})
+    num_generations: int = field(default=4, metadata={"help": "completions sampled per prompt (the group size G; "
+                                                      "TRL's default: 8)"})
+    num_mini_batches: int = field(default=1, metadata={
+        "help": "minibatches (optimizer steps) per pass over the num_generations x rollout_batch_size completions"})
+    num_iterations: int = field(default=1, metadata={
+        "help": "passes over each generation batch (TRL's mu); with 1 pass and 1 minibatch the update is exactly "
+                "on-policy"})
+    advantage: str = field(default="grpo", metadata={
+        "help": "group estimator of fastalign.rl: grpo ((r - mean) / std, or r - mean with scale_rewards=false), "
+                "dr_grpo (r - mean), rloo (leave-one-out baseline: RLOO is advantage=rloo), reinforce_pp "
+                "(REINFORCE++-baseline: r - mean, whitened over the batch's tokens)"})
+    scale_rewards: bool = field(default=True, metadata={
+        "help": "advantage=grpo: divide by the group's reward std (TRL's scale_rewards); ignored by the others"})
+    epsilon: float = field(default=0.2, metadata={"help": "ratio clip, low side (and high side when "
+                                                  "epsilon_high is 0)"})
+    epsilon_high: float = field(default=0.0, metadata={"help": "upper ratio clip (DAPO's clip-higher: 0.28); "
+                                                       "0: = epsilon"})
+    loss_type: str = field(default="dapo", metadata={
+        "help": "grpo: mean over sequences of each one's token mean; bnpo: token mean of each micro-batch; "
+                "dr_grpo: token sum / (sequences x max_new_tokens); dapo: token mean over the whole minibatch "
+                "(all micro-batches and ranks)"})
+    beta: float = field(default=0.0, metadata={
+        "help": "weight of the k3 KL to the reference in the loss; 0: no reference model is loaded"})
 
 def _base_type(tp):
     """``(origin, arg)`` for a field type: ``(int, None)``, ``(list, float)``; Optional is unwrapped."""
@@ -343,13 +393,26 @@ def _validate(cfg, command: str) -> None:
                    ("ref_model_sync_steps", cfg.ref_model_sync_steps >= 1, ">= 1"),
                    ("precompute_ref_log_probs", not (cfg.precompute_ref_log_probs and cfg.sync_ref_model),
                     "false when sync_ref_model is true (a moving reference cannot be precomputed)")]
-    if isinstance(cfg, PPOConfig):
+    if isinstance(cfg, RolloutConfig):
         checks += [("rollout_batch_size", cfg.rollout_batch_size >= 1, ">= 1"),
-                   ("num_mini_batches", 1 <= cfg.num_mini_batches <= cfg.rollout_batch_size,
+                   ("temperature", cfg.temperature > 0, "> 0"), ("top_k", cfg.top_k >= 0, ">= 0"),
+                   ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"), ("max_new_tokens", cfg.max_new_tokens >= 1, ">= 1"),
+                   ("reward_fn", bool(cfg.reward_fn or cfg.reward_model), "set when reward_model is not")]
+    if isinstance(cfg, GRPOConfig):
+        completions = cfg.num_generations * cfg.rollout_batch_size
+        checks += [("num_generations", cfg.num_generations >= 2, ">= 2 (a group of one has no baseline)"),
+                   ("num_mini_batches", 1 <= cfg.num_mini_batches <= completions,
+                    f"in [1, num_generations * rollout_batch_size={completions}]"),
+                   ("num_iterations", cfg.num_iterations >= 1, ">= 1"),
+                   ("advantage", cfg.advantage in GRPO_ADVANTAGES, ", ".join(GRPO_ADVANTAGES)),
+                   ("epsilon", 0 < cfg.epsilon < 1, "in (0, 1)"),
+                   ("epsilon_high", cfg.epsilon_high >= 0, ">= 0 (0: = epsilon)"),
+                   ("loss_type", cfg.loss_type in GRPO_LOSS_TYPES, ", ".join(GRPO_LOSS_TYPES)),
+                   ("beta", cfg.beta >= 0, ">= 0 (0: no reference model)")]
+    if isinstance(cfg, PPOConfig):
+        checks += [("num_mini_batches", 1 <= cfg.num_mini_batches <= cfg.rollout_batch_size,
                     f"in [1, rollout_batch_size={cfg.rollout_batch_size}]"),
-                   ("ppo_epochs", cfg.ppo_epochs >= 1, ">= 1"), ("temperature", cfg.temperature > 0, "> 0"),
-                   ("top_k", cfg.top_k >= 0, ">= 0"), ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
-                   ("max_new_tokens", cfg.max_new_tokens >= 1, ">= 1"),
+                   ("ppo_epochs", cfg.ppo_epochs >= 1, ">= 1"),
                    ("reward_clip", cfg.reward_clip >= 0, ">= 0"), ("kl_coef", cfg.kl_coef >= 0, ">= 0"),
                    ("kl_estimator", cfg.kl_estimator in ("k1", "k3"), "k1 or k3"),
                    ("target_kl", cfg.target_kl >= 0, ">= 0"), ("kl_horizon", cfg.kl_horizon > 0, "> 0"),
@@ -364,8 +427,7 @@ def _validate(cfg, command: str) -> None:
                    ("critic_learning_rate", cfg.critic_learning_rate >= 0, ">= 0"),
                    ("critic_warmup_steps", 0 <= cfg.critic_warmup_steps < cfg.max_steps,
                     f"in [0, max_steps={cfg.max_steps})"),
-                   ("ref_ema_decay", 0 <= cfg.ref_ema_decay < 1, "in [0, 1)"),
-                   ("reward_fn", bool(cfg.reward_fn or cfg.reward_model), "set when reward_model is not")]
+                   ("ref_ema_decay", 0 <= cfg.ref_ema_decay < 1, "in [0, 1)")]
     for name, ok, expected in checks:
         if not ok:
             raise ConfigError(f"{command}: {name} must be {expected}; got {getattr(cfg, name)!r}")

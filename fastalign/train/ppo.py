@@ -33,9 +33,21 @@ from fastalign.rl.ppo import AdaptiveKLController, FixedKLController, RunningMom
 from fastalign.rl.whiten import whiten
 from fastalign.train.common import Run, exact_match
 from fastalign.train.config import PPOConfig
-from fastalign.train.data import BatchStream, Encoder, load_prompts, resolve_data, to_device
-from fastalign.train.model import load_model, load_policy, load_tokenizer
-from fastalign.train.rollout import Rewarder, Rollouts, load_prompt_rows, sample
+from fastalign.train.data import BatchStream, to_device
+from fastalign.train.model import load_model, load_policy
+from fastalign.train.rollout import (
+    Rewarder,
+    Rollouts,
+    TokenStore,
+    micro_batches,
+    micro_weights,
+    packed_offsets,
+    prompt_seeds,
+    rank_mean,
+    rollout_data,
+    sample,
+    update_summary,
+)
 from fastalign.train.sft import warm_start
 
 
@@ -50,37 +62,6 @@ def shape_scores(scores: torch.Tensor, ended: list[bool], cfg: PPOConfig, proces
     if cfg.normalize_reward and scores.numel() > 1:
         scores = whiten(scores, process_group=process_group)
     return scores
-
-
-def micro_batches(order: torch.Tensor, num_mini_batches: int, micro: int) -> list[list[list[int]]]:
-    """Sequence indices in ``order`` split into ``num_mini_batches`` near-equal minibatches, each split into
-    micro-batches of at most ``micro`` sequences."""
-    out = []
-    for mb in torch.tensor_split(order, num_mini_batches):
-        ids = mb.tolist()
-        out.append([ids[i:i + micro] for i in range(0, len(ids), micro)])
-    return out
-
-
-class TokenStore:
-    """Per-sequence token tensors of one rollout batch, filled micro-batch by micro-batch and read back packed in
-    any sequence order."""
-
-    def __init__(self, num_seqs: int):
-        self.rows: list[torch.Tensor | None] = [None] * num_seqs
-
-    def put(self, idx: list[int], values: torch.Tensor, cu: torch.Tensor) -> None:
-        for k, i in enumerate(idx):
-            self.rows[i] = values[cu[k]:cu[k + 1]].detach()
-
-    def packed(self, idx=None) -> torch.Tensor:
-        return torch.cat([self.rows[i] for i in (range(len(self.rows)) if idx is None else idx)])
-
-
-def _cu(lengths: list[int], device) -> torch.Tensor:
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
-    return cu.to(device)
 
 
 class PPOModels:
@@ -167,16 +148,6 @@ class RolloutBatch:
     old_values: TokenStore
 
 
-def micro_weights(minibatch: list[list[int]], lengths: list[int], agg: str, run: Run) -> list[float]:
-    """The weight of each micro-batch's mean loss such that the minibatch's loss is its mean over all tokens
-    (``token-mean``) or sequences (the seq-mean modes) of all ranks: ``count_i * world / total`` (DDP averages the
-    ranks' gradients). The minibatch's gradient then does not depend on how it is split into micro-batches or
-    ranks."""
-    counts = [sum(lengths[j] for j in idx) if agg == "token-mean" else len(idx) for idx in minibatch]
-    (total,) = run.sum_all(float(sum(counts)))
-    return [c * run.world / total for c in counts]
-
-
 def micro_loss(models: PPOModels, cfg: PPOConfig, run: Run, batcher, rb: RolloutBatch, idx: list[int],
                weight: float, critic_only: bool, ratio_dev: list | None):
     """``(loss, metrics)`` of the micro-batch ``idx``, both times ``weight`` (:func:`micro_weights`): the clipped
@@ -212,11 +183,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     """
     run = Run(cfg, "ppo")
     start_model = warm_start(cfg, run)
-    tok = load_tokenizer(cfg.tokenizer or start_model)
-    enc = Encoder(tok, cfg.max_length, cfg.truncation_mode)
-    prompts = load_prompt_rows(resolve_data(cfg.data, "sft"), enc, cfg.max_length - cfg.max_new_tokens)
-    gen_path = cfg.gen_eval_data or (resolve_data("embedded", "sft", eval_set=True) if cfg.data == "embedded" else "")
-    eval_prompts = load_prompts(gen_path, enc) if gen_path else []
+    tok, prompts, eval_prompts = rollout_data(cfg, start_model)
     batcher = run.batcher(tok)
     resume_path, state = run.resume_point()
     models = PPOModels(cfg, run, start_model, tok, resume_path, batcher)
@@ -244,8 +211,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     run.progress(start)
     for step in range(start, cfg.max_steps):
         t0 = time.perf_counter()
-        first_position = stream.consumed + run.rank  # this rank's prompts: every world-th of the global batch
-        seeds = [cfg.seed * 2**32 + first_position + k * run.world for k in range(cfg.rollout_batch_size)]
+        seeds = prompt_seeds(cfg.seed, stream.consumed, run, cfg.rollout_batch_size)
         ro = sample(run.generator(models.lm), tok, [prompts[i] for i in stream.next(cfg.rollout_batch_size)], seeds,
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         t1 = time.perf_counter()
@@ -258,7 +224,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
         old_lp, old_ent, ref_lp, old_val = score_rollouts(models, ro, layout, batcher, run)
         lengths = [len(c) for c in ro.completions]
         logps_all = old_lp.packed()
-        cu_all = _cu(lengths, logps_all.device)
+        cu_all = packed_offsets(lengths, logps_all.device)
         values_all = old_val.packed()  # the critic's outputs: normalized values with normalize_values
         if cfg.normalize_values:
             values_all = value_moments.denormalize(values_all)
@@ -317,8 +283,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
             "tokens_per_second": tokens / (t3 - t0), "epoch": stream.epoch}
         if critic_only:
             update.pop("learning_rate", None)
-        update = {**run.mean_metrics({k: v for k, v in update.items() if not k.startswith("time/")}),
-                  **{k: v for k, v in update.items() if k.startswith("time/")}}
+        update = rank_mean(run, update)
         if run.every(cfg.logging_steps, done):
             run.log(done, update, show=("objective/scores", "objective/kl", "policy/clipfrac_avg"))
         if eval_prompts and run.every(cfg.eval_steps, done):
@@ -339,16 +304,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
         summary["exact_match before"] = before.get("exact_match")
         summary["exact_match after"] = exact_match(run.generator(models.lm), tok, eval_prompts, cfg.max_new_tokens)
     rows = [r for r in run.history if "objective/scores" in r]
-    for k in ("objective/scores", "objective/kl", "tokens_per_second"):
-        if rows:
-            summary[f"{k} first"], summary[f"{k} last"] = rows[0][k], rows[-1][k]
-    if rows:
-        summary["policy/ratio_max_abs_dev_first_minibatch max"] = max(
-            r["policy/ratio_max_abs_dev_first_minibatch"] for r in rows)
-        for k in ("time/generation", "time/scoring", "time/training"):
-            summary[f"{k} mean"] = sum(r[k] for r in rows) / len(rows)
-    if run.device.type == "cuda":
-        summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    summary.update(update_summary(run, rows, ("objective/scores", "objective/kl", "tokens_per_second")))
     return run.finish(summary, [["objective/scores", "objective/rlhf_reward"], ["objective/kl", "kl_coef"],
                                 ["loss/policy_avg", "loss/value_avg"], ["policy/clipfrac_avg", "val/clipfrac_avg"],
                                 ["eval_exact_match"]])

@@ -1,5 +1,6 @@
-"""The rollout step of the online methods (``fastalign ppo``; GRPO and iterative DPO build on it): prompts ->
-sampled completions -> rewards.
+"""The rollout step of the online methods (``fastalign ppo``, ``fastalign grpo``; iterative DPO builds on it):
+prompts -> sampled completions -> rewards, and the parts of the update both loops share (the micro-batch layout,
+per-sequence token storage, global-count loss weights).
 
 Generation uses the model's own ``generate`` (KV cache, temperature / top-k / top-p, EOS stop, no gradient) and
 builds logits: it only proposes tokens. The log-probabilities the losses use are computed afterwards by the fused
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fastalign.hf import RewardModel, ValueHead
-from fastalign.train.data import DataError, Encoder, _field, iter_rows, to_device
+from fastalign.train.data import DataError, Encoder, _field, iter_rows, load_prompts, resolve_data, to_device
 from fastalign.train.model import generate, load_model, load_tokenizer
 from fastalign.train.rewards import call_reward_fn, load_reward_fn
 
@@ -154,3 +155,89 @@ class Rewarder:
             with self.run.autocast():
                 scores.append(self.model(**to_device(batch, self.run.device)).float().cpu())
         return torch.cat(scores)
+
+
+def rollout_data(cfg, start_model: str):
+    """``(tokenizer, prompts, eval_prompts)`` of a rollout run: the prompt rows of ``data`` (each at most
+    ``max_length - max_new_tokens`` tokens) and the exact-match prompts (``gen_eval_data``; by default the
+    embedded held-out sums when ``data=embedded``)."""
+    tok = load_tokenizer(cfg.tokenizer or start_model)
+    enc = Encoder(tok, cfg.max_length, cfg.truncation_mode)
+    prompts = load_prompt_rows(resolve_data(cfg.data, "sft"), enc, cfg.max_length - cfg.max_new_tokens)
+    gen_path = cfg.gen_eval_data or (resolve_data("embedded", "sft", eval_set=True) if cfg.data == "embedded" else "")
+    return tok, prompts, load_prompts(gen_path, enc) if gen_path else []
+
+
+def prompt_seeds(seed: int, consumed: int, run, n: int, per_prompt: int = 1) -> list[int]:
+    """The sampling seeds of this rank's next ``n`` prompts, ``per_prompt`` completions each (prompt-major): this
+    rank's prompts are every ``world``-th of the global batch from stream position ``consumed``, and completion
+    ``g`` of the prompt at position ``q`` gets ``seed * 2**32 + q * per_prompt + g``, so every completion of a run
+    has its own seed, whatever the number of ranks."""
+    first = consumed + run.rank
+    return [seed * 2**32 + (first + k * run.world) * per_prompt + g for k in range(n) for g in range(per_prompt)]
+
+
+def micro_batches(order: torch.Tensor, num_mini_batches: int, micro: int) -> list[list[list[int]]]:
+    """Sequence indices in ``order`` split into ``num_mini_batches`` near-equal minibatches, each split into
+    micro-batches of at most ``micro`` sequences."""
+    out = []
+    for mb in torch.tensor_split(order, num_mini_batches):
+        ids = mb.tolist()
+        out.append([ids[i:i + micro] for i in range(0, len(ids), micro)])
+    return out
+
+
+class TokenStore:
+    """Per-sequence token tensors of one rollout batch, filled micro-batch by micro-batch and read back packed in
+    any sequence order."""
+
+    def __init__(self, num_seqs: int):
+        self.rows: list[torch.Tensor | None] = [None] * num_seqs
+
+    def put(self, idx: list[int], values: torch.Tensor, cu: torch.Tensor) -> None:
+        for k, i in enumerate(idx):
+            self.rows[i] = values[cu[k]:cu[k + 1]].detach()
+
+    def packed(self, idx=None) -> torch.Tensor:
+        return torch.cat([self.rows[i] for i in (range(len(self.rows)) if idx is None else idx)])
+
+
+def packed_offsets(lengths: list[int], device) -> torch.Tensor:
+    """``cu_seqlens`` ``[S + 1]`` int64 of sequences of ``lengths`` tokens laid end to end."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    return cu.to(device)
+
+
+def micro_weights(minibatch: list[list[int]], lengths: list[int], agg: str, run) -> list[float]:
+    """The weight of each micro-batch's mean loss such that the minibatch's loss is its mean over all tokens
+    (``token-mean``) or sequences (the seq-mean modes) of all ranks: ``count_i * world / total`` (DDP averages the
+    ranks' gradients). The minibatch's gradient then does not depend on how it is split into micro-batches or
+    ranks."""
+    counts = [sum(lengths[j] for j in idx) if agg == "token-mean" else len(idx) for idx in minibatch]
+    (total,) = run.sum_all(float(sum(counts)))
+    return [c * run.world / total for c in counts]
+
+
+def rank_mean(run, update: dict) -> dict:
+    """An update's metrics averaged over ranks, but the ``time/`` ones (each rank's own seconds)."""
+    timed = {k: v for k, v in update.items() if k.startswith("time/")}
+    return {**run.mean_metrics({k: v for k, v in update.items() if k not in timed}), **timed}
+
+
+def update_summary(run, rows: list[dict], keys) -> dict:
+    """What an online run's summary says of its logged updates ``rows``: the first and last value of each of
+    ``keys`` (those logged), the largest first-minibatch ratio deviation, the mean time split, and on CUDA the peak
+    memory."""
+    out = {}
+    for k in keys:
+        if rows and k in rows[0]:
+            out[f"{k} first"], out[f"{k} last"] = rows[0][k], rows[-1][k]
+    if rows:
+        out["policy/ratio_max_abs_dev_first_minibatch max"] = max(
+            r["policy/ratio_max_abs_dev_first_minibatch"] for r in rows)
+        for k in ("time/generation", "time/scoring", "time/training"):
+            out[f"{k} mean"] = sum(r[k] for r in rows) / len(rows)
+    if run.device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    return out
