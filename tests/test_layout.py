@@ -64,3 +64,9 @@ def test_hugging_face_knowledge_lives_in_one_module():
     holders = {module_name(p) for p in PACKAGE.rglob("*.py")
                if any(k in p.read_text() for k in ("final_logit_softcapping", "get_output_embeddings", "get_decoder"))}
     assert holders == {"fastalign.hf"}
+
+
+def test_test_files_have_unique_names():
+    """tests/ has no __init__.py files: pytest imports each test module by its basename, so two alike collide."""
+    names = [p.name for p in (PACKAGE.parent / "tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
