@@ -20,10 +20,7 @@ import tempfile
 from pathlib import Path
 
 from bench import _harness
-
-
-def fastalign(command: str, cwd: Path, **over) -> dict:
-    return _harness.fastalign_command(command, cwd, **over)
+from bench._harness import fastalign_command
 
 
 def logged(run_dir: str, key: str) -> dict[int, float]:
@@ -41,8 +38,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         result["load_avg_1min_before"] = os.getloadavg()[0]
-        result["demo"] = {pk: fastalign("dpo", tmp, packing=pk, output_dir=f"demo_{pk}") for pk in ("false", "true")}
-        runs = {pk: fastalign("sft", tmp, packing=pk, dtype="float64", max_steps=args.f64_steps, eval_steps=0,
+        result["demo"] = {pk: fastalign_command("dpo", tmp, packing=pk, output_dir=f"demo_{pk}")
+                          for pk in ("false", "true")}
+        runs = {pk: fastalign_command("sft", tmp, packing=pk, dtype="float64", max_steps=args.f64_steps, eval_steps=0,
                               save_steps=0, plots="false", output_dir=f"f64_{pk}") for pk in ("false", "true")}
         drift = []
         for key in ("loss", "grad_norm"):
@@ -56,7 +54,7 @@ def main(argv=None):
         result["seeds"] = []
         for seed in args.seeds:
             for pk in ("false", "true"):
-                r = fastalign("sft", tmp, packing=pk, seed=seed, eval_steps=0, save_steps=0, plots="false",
+                r = fastalign_command("sft", tmp, packing=pk, seed=seed, eval_steps=0, save_steps=0, plots="false",
                               output_dir=f"seed{seed}_{pk}")
                 result["seeds"].append({"seed": seed, "packing": pk == "true",
                                         "exact_match_after": r["summary"].get("exact_match_after"),

@@ -41,13 +41,14 @@ from fastalign.train.rollout import (
     Rewarder,
     Rollouts,
     TokenStore,
-    micro_batches,
     micro_weights,
     packed_offsets,
+    pass_layout,
     prompt_seeds,
     rank_mean,
     rollout_data,
     sample,
+    score_on_layout,
     update_summary,
 )
 from fastalign.train.sft import warm_start
@@ -103,26 +104,19 @@ def loss_weights(minibatch: list[list[int]], lengths: list[int], loss_type: str,
     return micro_weights(minibatch, lengths, AGGREGATION[loss_type], run)
 
 
-@torch.no_grad()
 def score_rollouts(policy, ref, ro: Rollouts, layout, batcher, run: Run, old: bool):
     """``(old log-probs, reference log-probs)`` of the rollout's tokens, each a :class:`TokenStore` or None (not
     wanted: ``old`` False, no reference), computed on the micro-batches of ``layout`` (the update's first pass)."""
-    S = len(ro.completions)
-    old_lp, ref_lp = TokenStore(S) if old else None, TokenStore(S) if ref is not None else None
-    if old_lp is None and ref_lp is None:
+    scorers = ([policy] if old else []) + ([ref] if ref is not None else [])
+    if not scorers:
         return None, None
-    examples = ro.examples
-    for minibatch in layout:
-        for idx in minibatch:
-            batch = to_device(batcher.sft([examples[i] for i in idx]), run.device)
-            with run.autocast():
-                if old_lp is not None:
-                    logps, _, cu = policy(**batch)
-                    old_lp.put(idx, logps, cu)
-                if ref_lp is not None:
-                    logps, _, cu = ref(**batch)
-                    ref_lp.put(idx, logps, cu)
-    return old_lp, ref_lp
+
+    def score(batch):
+        outs = [m(**batch) for m in scorers]
+        return (outs[0][2], *(o[0] for o in outs))
+
+    stores = iter(score_on_layout(ro, layout, batcher, run, score))
+    return (next(stores) if old else None), (next(stores) if ref is not None else None)
 
 
 @dataclass
@@ -209,7 +203,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         t1 = time.perf_counter()
         scores = reward(ro)
         S, lengths = len(ro.completions), [len(c) for c in ro.completions]
-        layout = micro_batches(torch.arange(S), cfg.num_mini_batches, cfg.per_device_train_batch_size)
+        layout = pass_layout(S, 0, cfg.seed, step, cfg.num_mini_batches, cfg.per_device_train_batch_size)
         old_lp, ref_lp = score_rollouts(policy, ref, ro, layout, batcher, run, old=not one_pass)
         adv = TokenStore(S)
         adv.put(list(range(S)), group_advantages(scores, lengths, cfg.advantage, G, cfg.scale_rewards, group),
@@ -221,9 +215,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         sums: dict[str, float] = {}
         for iteration in range(cfg.num_iterations):
             if iteration:
-                order = torch.randperm(S, generator=torch.Generator().manual_seed(cfg.seed * 100003 + step +
-                                                                                  iteration))
-                layout = micro_batches(order, cfg.num_mini_batches, cfg.per_device_train_batch_size)
+                layout = pass_layout(S, iteration, cfg.seed, step, cfg.num_mini_batches,
+                                     cfg.per_device_train_batch_size)
             for m, minibatch in enumerate(layout):
                 weights = loss_weights(minibatch, lengths, cfg.loss_type, run)
                 token_weights = micro_weights(minibatch, lengths, "token-mean", run)  # of the token-mean metrics

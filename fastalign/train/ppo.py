@@ -39,13 +39,14 @@ from fastalign.train.rollout import (
     Rewarder,
     Rollouts,
     TokenStore,
-    micro_batches,
     micro_weights,
     packed_offsets,
+    pass_layout,
     prompt_seeds,
     rank_mean,
     rollout_data,
     sample,
+    score_on_layout,
     update_summary,
 )
 from fastalign.train.sft import warm_start
@@ -117,23 +118,15 @@ class PPOModels:
         return models
 
 
-@torch.no_grad()
 def score_rollouts(models: PPOModels, ro: Rollouts, layout, batcher, run: Run):
     """Old log-probabilities, entropies, reference log-probabilities and values of the rollout's tokens, computed
     on the micro-batches of ``layout`` (the update's first pass) and stored per sequence."""
-    S = len(ro.completions)
-    lp, ent, ref, val = TokenStore(S), TokenStore(S), TokenStore(S), TokenStore(S)
-    examples = ro.examples
-    for minibatch in layout:
-        for idx in minibatch:
-            batch = to_device(batcher.sft([examples[i] for i in idx]), run.device)
-            with run.autocast():
-                logps, entropy, cu = models.policy(**batch)
-                ref_logps, _, _ = models.ref(**batch)
-                values, _ = models.critic(**batch)
-            for store, x in ((lp, logps), (ent, entropy), (ref, ref_logps), (val, values)):
-                store.put(idx, x.float(), cu)
-    return lp, ent, ref, val
+
+    def score(batch):
+        logps, entropy, cu = models.policy(**batch)
+        return cu, logps.float(), entropy.float(), models.ref(**batch)[0].float(), models.critic(**batch)[0].float()
+
+    return score_on_layout(ro, layout, batcher, run, score)
 
 
 @dataclass
@@ -218,9 +211,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
         raw = models.reward(ro)
         scores = shape_scores(raw, ro.ended, cfg, group)
         S = len(ro.completions)
-        # the first pass takes the rollouts in order (the prompts come shuffled), so each global minibatch holds the
-        # same sequences however many ranks share it; later epochs reshuffle
-        layout = micro_batches(torch.arange(S), cfg.num_mini_batches, cfg.per_device_train_batch_size)
+        layout = pass_layout(S, 0, cfg.seed, step, cfg.num_mini_batches, cfg.per_device_train_batch_size)
         old_lp, old_ent, ref_lp, old_val = score_rollouts(models, ro, layout, batcher, run)
         lengths = [len(c) for c in ro.completions]
         logps_all = old_lp.packed()
@@ -246,8 +237,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
         sums: dict[str, float] = {}
         for epoch in range(cfg.ppo_epochs):
             if epoch:
-                order = torch.randperm(S, generator=torch.Generator().manual_seed(cfg.seed * 100003 + step + epoch))
-                layout = micro_batches(order, cfg.num_mini_batches, cfg.per_device_train_batch_size)
+                layout = pass_layout(S, epoch, cfg.seed, step, cfg.num_mini_batches, cfg.per_device_train_batch_size)
             for m, minibatch in enumerate(layout):
                 first = epoch == 0 and m == 0
 

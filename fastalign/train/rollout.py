@@ -187,6 +187,36 @@ def micro_batches(order: torch.Tensor, num_mini_batches: int, micro: int) -> lis
     return out
 
 
+def pass_layout(S: int, pass_index: int, seed: int, step: int, num_mini_batches: int,
+                micro: int) -> list[list[list[int]]]:
+    """The minibatches and micro-batches of one pass over an update's ``S`` rollouts: the first pass takes them in
+    rollout order (the prompts come shuffled, so each global minibatch holds the same sequences however many ranks
+    share it), later passes reshuffle them, seeded by ``(seed, step, pass_index)``."""
+    if pass_index == 0:
+        order = torch.arange(S)
+    else:
+        order = torch.randperm(S, generator=torch.Generator().manual_seed(seed * 100003 + step + pass_index))
+    return micro_batches(order, num_mini_batches, micro)
+
+
+@torch.no_grad()
+def score_on_layout(ro: Rollouts, layout, batcher, run, score) -> list:
+    """Run ``score(batch) -> (cu, tensor, ...)`` on every micro-batch of ``layout`` (the update's first pass, so
+    its first minibatch sees exactly these values again) under no_grad and autocast, and return one
+    :class:`TokenStore` per tensor, each holding it per sequence."""
+    stores = None
+    examples = ro.examples
+    for minibatch in layout:
+        for idx in minibatch:
+            batch = to_device(batcher.sft([examples[i] for i in idx]), run.device)
+            with run.autocast():
+                cu, *values = score(batch)
+            stores = stores or [TokenStore(len(examples)) for _ in values]
+            for store, x in zip(stores, values):
+                store.put(idx, x, cu)
+    return stores
+
+
 class TokenStore:
     """Per-sequence token tensors of one rollout batch, filled micro-batch by micro-batch and read back packed in
     any sequence order."""
