@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastalign", description=__doc__.split(":", 1)[1].strip())
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.add_parser("env", help="print versions and which implementations are available here")
+    sub.add_parser("study", help="the seed study's experiments (toy, ablation); `fastalign study --help`",
+                   add_help=False)
     for name, text in TRAIN_COMMANDS.items():
         sub.add_parser(name, help=f"{text}; `fastalign {name} --help` lists every option", add_help=False)
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -56,6 +58,10 @@ def main(argv=None) -> int:
         from fastalign.env import main as env_main
 
         return env_main(rest)
+    if args.command == "study":
+        from fastalign.study import main as study_main
+
+        return study_main(rest)
     if args.command in TRAIN_COMMANDS:
         return _train(args.command, rest)
     parser.print_help()
