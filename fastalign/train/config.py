@@ -301,6 +301,46 @@ class GRPOConfig(RolloutConfig):
     beta: float = field(default=0.0, metadata={
         "help": "weight of the k3 KL to the reference in the loss; 0: no reference model is loaded"})
 
+ITERDPO_PAIRS = ("best_worst", "all")
+REF_UPDATES = ("round", "fixed")
+
+
+@dataclass
+class IterDPOConfig(DPOConfig, RolloutConfig):
+    """``fastalign iterdpo``: iterative (online) DPO, the study's DPO-Iter, on prompt rows. ``rounds`` times: sample
+    ``num_generations`` completions of each of ``rollout_batch_size`` prompts from the current policy, score them
+    (reward function or reward model, as ``fastalign ppo``), pair each prompt's best completion with its worst (or
+    every pair apart by more than ``pair_margin``), then ``max_steps / rounds`` steps of ``fastalign dpo``'s loop on
+    the round's pairs (any ``loss_type``; a fresh optimizer and schedule each round), against a reference that is
+    the round's starting policy or the first one (``ref_update``)."""
+
+    rounds: int = field(default=3, metadata={"help": "sample -> score -> pair -> DPO rounds"})
+    max_steps: int = field(default=150, metadata={
+        "help": "DPO optimizer steps over all rounds: max_steps / rounds per round (rounds must divide it)"})
+    learning_rate: float = field(default=5e-4, metadata={"help": "peak learning rate of each round's schedule"})
+    warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps of each round's schedule"})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "pairs per micro-batch"})
+    eval_steps: int = field(default=0, metadata={
+        "help": "exact-match evaluation every this many steps (0: at the end of each round only)"})
+    save_steps: int = field(default=0, metadata={
+        "help": "checkpoint every this many steps (0: at the end of each round only; a round's end always saves)"})
+    logging_steps: int = 5
+    rollout_batch_size: int = field(default=256, metadata={"help": "prompts sampled per round on each rank"})
+    num_generations: int = field(default=4, metadata={"help": "completions sampled per prompt each round"})
+    pairs: str = field(default="best_worst", metadata={
+        "help": "best_worst: one pair per prompt, its best completion over its worst (the study); all: every pair "
+                "of its completions whose scores differ by more than pair_margin"})
+    pair_margin: float = field(default=0.0, metadata={
+        "help": "a pair needs score(chosen) - score(rejected) > pair_margin; a prompt whose completions all "
+                "score within it gives no pair (counted as pairs/tied_prompts)"})
+    data_chosen: bool = field(default=True, metadata={
+        "help": "a prompt with no pair, whose row has a completion scoring above its samples by more than "
+                "pair_margin, pairs that completion (chosen) with its worst sample (the study's fallback on code)"})
+    ref_update: str = field(default="round", metadata={
+        "help": "round: the reference of each round is the policy it starts from; fixed: the first round's "
+                "(the starting model) throughout"})
+
+
 def _base_type(tp):
     """``(origin, arg)`` for a field type: ``(int, None)``, ``(list, float)``; Optional is unwrapped."""
     origin = typing.get_origin(tp)
@@ -398,6 +438,16 @@ def _validate(cfg, command: str) -> None:
                    ("temperature", cfg.temperature > 0, "> 0"), ("top_k", cfg.top_k >= 0, ">= 0"),
                    ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"), ("max_new_tokens", cfg.max_new_tokens >= 1, ">= 1"),
                    ("reward_fn", bool(cfg.reward_fn or cfg.reward_model), "set when reward_model is not")]
+    if isinstance(cfg, IterDPOConfig):
+        checks += [("rounds", cfg.rounds >= 1, ">= 1"),
+                   ("max_steps", cfg.max_steps % cfg.rounds == 0, f"a multiple of rounds={cfg.rounds}"),
+                   ("num_generations", cfg.num_generations >= 2, ">= 2 (a pair needs two completions)"),
+                   ("pairs", cfg.pairs in ITERDPO_PAIRS, ", ".join(ITERDPO_PAIRS)),
+                   ("pair_margin", cfg.pair_margin >= 0, ">= 0"),
+                   ("ref_update", cfg.ref_update in REF_UPDATES, ", ".join(REF_UPDATES)),
+                   ("precompute_ref_log_probs", not cfg.precompute_ref_log_probs,
+                    "false (iterdpo scores each round's pairs with its reference once, at the round's start)"),
+                   ("sync_ref_model", not cfg.sync_ref_model, "false (iterdpo's reference is set by ref_update)")]
     if isinstance(cfg, GRPOConfig):
         completions = cfg.num_generations * cfg.rollout_batch_size
         checks += [("num_generations", cfg.num_generations >= 2, ">= 2 (a group of one has no baseline)"),
