@@ -11,6 +11,7 @@ TRAIN_COMMANDS = {
     "dpo": "DPO-family preference optimization (prompt/chosen/rejected rows)",
     "ppo": "PPO with a critic on prompt rows, rewarded by a reward function or a reward model",
     "grpo": "critic-free group RL (GRPO, Dr. GRPO, RLOO, REINFORCE++) on prompt rows, rewarded like ppo",
+    "iterdpo": "iterative DPO (the study's DPO-Iter): rounds of sampling, scoring and pairing, then DPO",
 }
 
 
@@ -19,11 +20,13 @@ def _train(command: str, argv: list[str]) -> int:
     from fastalign.train import (
         DPOConfig,
         GRPOConfig,
+        IterDPOConfig,
         PPOConfig,
         RMConfig,
         SFTConfig,
         train_dpo,
         train_grpo,
+        train_iterdpo,
         train_ppo,
         train_rm,
         train_sft,
@@ -35,7 +38,8 @@ def _train(command: str, argv: list[str]) -> int:
     from fastalign.train.rewards import RewardError
 
     cls, fn = {"sft": (SFTConfig, train_sft), "rm": (RMConfig, train_rm), "dpo": (DPOConfig, train_dpo),
-               "ppo": (PPOConfig, train_ppo), "grpo": (GRPOConfig, train_grpo)}[command]
+               "ppo": (PPOConfig, train_ppo), "grpo": (GRPOConfig, train_grpo),
+               "iterdpo": (IterDPOConfig, train_iterdpo)}[command]
     try:
         fn(parse_args(cls, command, argv, f"fastalign {command}: {TRAIN_COMMANDS[command]}. {cls.__doc__}"))
     except (ConfigError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError, UnsupportedModelError,
