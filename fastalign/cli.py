@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastalign", description=__doc__.split(":", 1)[1].strip())
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.add_parser("env", help="print versions and which implementations are available here")
+    sub.add_parser("bench", help="benchmarks against every installed peer (from a repository checkout); "
+                   "`fastalign bench --help`", add_help=False)
     sub.add_parser("study", help="the seed study's experiments (toy, ablation); `fastalign study --help`",
                    add_help=False)
     for name, text in TRAIN_COMMANDS.items():
@@ -66,6 +68,20 @@ def main(argv=None) -> int:
         from fastalign.study import main as study_main
 
         return study_main(rest)
+    if args.command == "bench":  # bench/ lives in the repository checkout, not in the wheel
+        import os
+        import subprocess
+        from pathlib import Path
+
+        here = Path(__file__).resolve().parents[1]
+        roots = [r for r in (Path.cwd(), here) if (r / "bench" / "_harness.py").is_file()]
+        if not roots:
+            print("fastalign bench: error: no bench/_harness.py in the current directory or beside the installed "
+                  f"package ({here}); the benchmarks ship in the repository, not the wheel: run `fastalign bench` "
+                  "from the root of a fastalign checkout", file=sys.stderr)
+            return 2
+        path = os.pathsep.join(p for p in (str(roots[0]), os.environ.get("PYTHONPATH")) if p)
+        return subprocess.call([sys.executable, "-m", "bench", *rest], env=dict(os.environ, PYTHONPATH=path))
     if args.command in TRAIN_COMMANDS:
         return _train(args.command, rest)
     parser.print_help()
