@@ -440,7 +440,8 @@ def _validate(cfg, command: str) -> None:
                    ("reward_fn", bool(cfg.reward_fn or cfg.reward_model), "set when reward_model is not")]
     if isinstance(cfg, IterDPOConfig):
         checks += [("rounds", cfg.rounds >= 1, ">= 1"),
-                   ("max_steps", cfg.max_steps % cfg.rounds == 0, f"a multiple of rounds={cfg.rounds}"),
+                   ("max_steps", cfg.rounds < 1 or cfg.max_steps % cfg.rounds == 0,
+                    f"a multiple of rounds={cfg.rounds}"),
                    ("num_generations", cfg.num_generations >= 2, ">= 2 (a pair needs two completions)"),
                    ("pairs", cfg.pairs in ITERDPO_PAIRS, ", ".join(ITERDPO_PAIRS)),
                    ("pair_margin", cfg.pair_margin >= 0, ">= 0"),
