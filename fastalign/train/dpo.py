@@ -62,7 +62,7 @@ def cached_ref_logps(ref_lm, examples, run: Run, batcher: Batcher, cache_dir: Pa
         h.update(repr(e).encode())
     path = cache_dir / f"ref_logps-{h.hexdigest()[:20]}.pt"
     if path.exists():
-        return torch.load(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
     scores = score_pairs(SequenceLogps(ref_lm).to(run.device), examples, run, 64, batcher)
     if run.main:
         cache_dir.mkdir(parents=True, exist_ok=True)
