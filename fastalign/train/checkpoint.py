@@ -7,6 +7,9 @@ position). Everything is written into ``checkpoint-<step>.tmp/``, a ``manifest.j
 and sha256 is written last, and the directory is renamed into place: a killed save leaves only a ``.tmp``
 directory, never a half-written checkpoint. :func:`verify` checks the manifest, so a truncated or corrupt
 checkpoint is reported instead of loaded.
+
+``trainer_state.pt`` holds tensors and plain values only (:func:`check_plain`) and is loaded with
+``torch.load(weights_only=True)``: a checkpoint someone hands you cannot run code when resumed.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -39,7 +43,11 @@ def _sha256(path: Path) -> str:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}  # noqa: NPY002 (the legacy global RNG users seed)
+    """The RNG states of torch, Python and NumPy (and CUDA when in use) as tensors and plain values."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 (the legacy global RNG users seed)
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -47,10 +55,42 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
+    random.setstate(_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],  # noqa: NPY002
+                         n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x):
+    """Python's RNG state with its lists made tuples again (``random.setstate`` wants tuples)."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+PLAIN = (type(None), bool, int, float, str, torch.Tensor)
+
+
+def check_plain(value, where: str = "state") -> None:
+    """Raise TypeError naming the first value of ``value`` that is not a tensor or a plain value (None, bool, int,
+    float, str; dicts with str/int keys, lists and tuples of them): what ``torch.load(weights_only=True)`` loads
+    without running code, and all a checkpoint may hold."""
+    if isinstance(value, PLAIN):
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: checkpoint state keys must be str or int; got {type(k).__name__} {k!r}")
+            check_plain(v, f"{where}[{k!r}]")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_plain(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where}: a checkpoint holds tensors and plain values only (None, bool, int, float, str, and "
+                    f"dicts, lists and tuples of them), so that it loads without unpickling; got "
+                    f"{type(value).__module__}.{type(value).__qualname__} (convert it, e.g. with .tolist() or "
+                    f"torch.tensor, or save its state_dict)")
 
 
 def save(output_dir, step: int, lm, tokenizer, state: dict, extra_models: dict | None = None,
@@ -74,6 +114,7 @@ def save(output_dir, step: int, lm, tokenizer, state: dict, extra_models: dict |
             obj(tmp)
         else:
             obj.save_pretrained(str(tmp / name), safe_serialization=True)
+    check_plain(state)
     torch.save(state, tmp / STATE)
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {"step": step, "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
@@ -140,4 +181,23 @@ def find_resume(resume: str, output_dir) -> Path | None:
 
 
 def load_state(path) -> dict:
-    return torch.load(Path(path) / STATE, map_location="cpu", weights_only=False)
+    """The trainer state of the checkpoint at ``path``, loaded with ``weights_only=True``: tensors and plain values
+    only. A file that would need unpickling (any other object: it could run code) is refused."""
+    file = Path(path) / STATE
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"checkpoint {path}: {STATE} holds objects that need unpickling{what}, which could "
+                              f"run code: refusing to load it. fastalign's own checkpoints hold tensors "
+                              f"and plain values only; this one was crafted, or saved by an older fastalign (its "
+                              f"model.safetensors still loads as model=<dir>).") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path}: {STATE} is unreadable ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: {STATE} must hold a dict; got {type(state).__name__}")
+    missing = [k for k in ("step", "consumed", "optimizer", "scheduler", "rng") if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: {STATE} lacks {', '.join(missing)}")
+    return state

@@ -109,3 +109,55 @@ def test_a_fresh_run_replaces_an_earlier_runs_checkpoints_and_metrics(tmp_path, 
     assert "removed 2 checkpoint(s) of an earlier run" in capsys.readouterr().out
     assert [p.name for p in list_checkpoints(over["output_dir"])] == ["checkpoint-000001"]
     assert [json.loads(line)["step"] for line in open(Path(over["output_dir"]) / "metrics.jsonl")] == [1]
+
+
+class _WritesAFile:
+    """Unpickling this runs ``Path(target).write_text("pwned")``: what a hostile checkpoint could do."""
+
+    def __init__(self, target):
+        self.target = Path(target)
+
+    def __reduce__(self):
+        return Path.write_text, (self.target, "pwned")
+
+
+def _rewrite_manifest(ckpt: Path) -> None:
+    """Make the manifest match the files again, as whoever crafted them would."""
+    import hashlib
+
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for name, meta in manifest["files"].items():
+        data = (ckpt / name).read_bytes()
+        meta.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_checkpoint_that_needs_unpickling_is_refused_and_runs_nothing(tmp_path, small_data):
+    from fastalign.train.checkpoint import load_state
+
+    over = quick(tmp_path, small_data, "sft", max_steps=2, save_steps=1, gen_eval_data="")
+    train_sft(make_config(SFTConfig, over, "sft"))
+    ckpt = list_checkpoints(over["output_dir"])[-1]
+    state = load_state(ckpt)  # an honest checkpoint holds tensors and plain values only
+    assert state["step"] == 2
+    marker = tmp_path / "pwned.txt"
+    torch.save({**state, "extra": _WritesAFile(marker)}, ckpt / "trainer_state.pt")
+    _rewrite_manifest(ckpt)  # the manifest is written by the same hand: it authenticates nothing
+    verify(ckpt)
+    with pytest.raises(CheckpointError, match=r"trainer_state\.pt holds objects that need unpickling \(\S+\)"):
+        load_state(ckpt)
+    with pytest.raises(CheckpointError, match="need unpickling"):
+        train_sft(make_config(SFTConfig, {**over, "max_steps": 3, "resume": str(ckpt)}, "sft"))
+    assert not marker.exists()
+
+
+def test_the_reference_logps_cache_is_loaded_without_unpickling(tmp_path, small_data):
+    over = quick(tmp_path, small_data, "dpo", max_steps=1, gen_eval_data="", eval_data="",
+                 precompute_ref_log_probs=True)
+    train_dpo(make_config(DPOConfig, over, "dpo"))
+    (cache,) = (Path(over["output_dir"]) / "cache").glob("ref_logps-*.pt")
+    marker = tmp_path / "pwned.txt"
+    torch.save(_WritesAFile(marker), cache)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        train_dpo(make_config(DPOConfig, over, "dpo"))  # a fresh run in the same directory reads the cache
+    assert not marker.exists()
