@@ -139,19 +139,40 @@ def list_checkpoints(output_dir) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+# What the loader reads besides the trainer state: a model (config + safetensors, whole or sharded) or a LoRA adapter.
+MODEL_FILES = ((("config.json", "model.safetensors"), ("config.json", "model.safetensors.index.json"),
+                ("adapter_config.json", "adapter_model.safetensors")))
+
+
 def verify(path) -> dict:
-    """Check every file of the checkpoint against its manifest; return the manifest or raise CheckpointError."""
+    """Check the checkpoint against its manifest; return the manifest or raise CheckpointError.
+
+    Every file of the directory must be listed (the loader reads only listed files) with its size and sha256, and
+    the files the loader needs (``trainer_state.pt`` and the model's, :data:`MODEL_FILES`) must be there."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: no {MANIFEST} (the save did not finish)")
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError) as e:
+        if not isinstance(files, dict) or not all(isinstance(m, dict) and isinstance(m.get("bytes"), int) and
+                                                  isinstance(m.get("sha256"), str) for m in files.values()):
+            raise KeyError("files must map each file name to its bytes and sha256")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt: unreadable {MANIFEST} ({e})") from None
+    present = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+    for name in present:
+        if name != MANIFEST and name not in files:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} is not listed in {MANIFEST} (a checkpoint's "
+                                  f"files are listed with their size and sha256 when it is saved; remove the file if "
+                                  f"you added it)")
+    needed = [STATE] + min((list(m) for m in MODEL_FILES), key=lambda m: sum(n not in files for n in m))
+    for name in needed:
+        if name not in files:
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing (not in its {MANIFEST})")
     for name, meta in files.items():
         p = path / name
-        if not p.is_file():
+        if Path(name).is_absolute() or ".." in Path(name).parts or not p.is_file():
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} is missing")
         size = p.stat().st_size
         if size != meta["bytes"]:

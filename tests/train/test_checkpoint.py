@@ -161,3 +161,36 @@ def test_the_reference_logps_cache_is_loaded_without_unpickling(tmp_path, small_
     with pytest.raises(Exception, match="Weights only load failed"):
         train_dpo(make_config(DPOConfig, over, "dpo"))  # a fresh run in the same directory reads the cache
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["trainer_state.pt", "model.safetensors", "config.json"])
+def test_the_manifest_must_list_every_file_the_loader_reads(tmp_path, small_data, name):
+    over = quick(tmp_path, small_data, "sft", max_steps=1, save_steps=1, gen_eval_data="")
+    train_sft(make_config(SFTConfig, over, "sft"))
+    (ckpt,) = list_checkpoints(over["output_dir"])
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    del manifest["files"][name]  # the entry is gone: the file must not be opened unchecked
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    resume = make_config(SFTConfig, {**over, "max_steps": 2, "resume": "latest"}, "sft")
+    for damage in (lambda b: b[:len(b) // 2], lambda b: os.urandom(len(b)), lambda b: b):
+        (ckpt / name).write_bytes(damage((ckpt / name).read_bytes()))
+        with pytest.raises(CheckpointError, match=rf"{name} is not listed in manifest\.json"):
+            train_sft(resume)
+    (ckpt / name).unlink()  # entry and file both gone
+    with pytest.raises(CheckpointError, match=rf"incomplete: {name} is missing"):
+        verify(ckpt)
+
+
+def test_a_checkpoint_needs_its_state_and_model_files(tmp_path, small_data):
+    over = quick(tmp_path, small_data, "sft", max_steps=1, save_steps=1, gen_eval_data="")
+    train_sft(make_config(SFTConfig, over, "sft"))
+    (ckpt,) = list_checkpoints(over["output_dir"])
+    (ckpt / "notes.txt").write_text("an unlisted file")
+    with pytest.raises(CheckpointError, match=r"notes\.txt is not listed in manifest\.json"):
+        verify(ckpt)
+    (ckpt / "notes.txt").unlink()
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"] = []
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="unreadable manifest.json"):
+        verify(ckpt)
