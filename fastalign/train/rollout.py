@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from fastalign.hf import RewardModel, ValueHead
 from fastalign.train.data import DataError, Encoder, _field, iter_rows, load_prompts, resolve_data, to_device
@@ -175,6 +176,17 @@ def prompt_seeds(seed: int, consumed: int, run, n: int, per_prompt: int = 1) -> 
     has its own seed, whatever the number of ranks."""
     first = consumed + run.rank
     return [seed * 2**32 + (first + k * run.world) * per_prompt + g for k in range(n) for g in range(per_prompt)]
+
+
+def gather_prompts(run, per_prompt: list) -> list:
+    """Items of this rank's prompts (one per prompt, in its order: every ``world``-th prompt of the global batch, as
+    :func:`prompt_seeds` lays them out) from every rank, in the global prompt order; identity on one process. Every
+    rank takes part and gets the whole list."""
+    if run.world == 1:
+        return list(per_prompt)
+    parts = [None] * run.world
+    dist.all_gather_object(parts, list(per_prompt))
+    return [parts[rank][k] for k in range(len(per_prompt)) for rank in range(run.world)]
 
 
 def micro_batches(order: torch.Tensor, num_mini_batches: int, micro: int) -> list[list[list[int]]]:
