@@ -76,45 +76,86 @@ def setup_data(cfg, kind: str, encode_row, say, tok):
 def iter_rows(path: str):
     """Yield ``(where, row)`` for every row of a JSONL file, a Parquet file or a ``datasets`` directory.
 
-    A line that is not a JSON object raises :class:`DataError` with ``file:line`` (rows are yielded as
-    ``(where, DataError)`` so a caller may skip them instead).
+    A row that cannot be read (a line that is not UTF-8, not JSON, nested too deeply or not an object; a Parquet
+    row group that does not decode) is yielded as ``(where, DataError)`` naming ``file:line`` (or
+    ``file[row group g]``), so a caller may raise or skip it. A file that cannot be opened at all (a Parquet file
+    without a readable footer, a directory that is no saved dataset) raises :class:`DataError`.
     """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"data file {path} does not exist")
     if p.is_dir():
-        try:
-            import datasets
-        except ImportError as e:
-            raise DataError(f"{path} is a directory: reading a saved dataset needs `pip install datasets`") from e
-        ds = datasets.load_from_disk(str(p))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        for i, row in enumerate(ds):
-            yield f"{path}[row {i}]", row
-        return
-    if p.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as e:
-            raise DataError(f"reading {path} needs `pip install pyarrow`") from e
-        for i, row in enumerate(pq.read_table(str(p)).to_pylist()):
-            yield f"{path}[row {i}]", row
-        return
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+        yield from _dataset_rows(path)
+    elif p.suffix == ".parquet":
+        yield from _parquet_rows(path)
+    else:
+        yield from _jsonl_rows(path)
+
+
+def _jsonl_rows(path: str):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, DataError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 yield where, DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
                 continue
+            except RecursionError:
+                yield where, DataError(f"{where}: not valid JSON for fastalign (nested too deeply)")
+                continue
+            except ValueError as e:  # e.g. an integer of more digits than Python converts
+                yield where, DataError(f"{where}: not valid JSON ({e})")
+                continue
             if not isinstance(row, dict):
                 yield where, DataError(f"{where}: a row must be a JSON object; got {type(row).__name__}")
                 continue
             yield where, row
+
+
+def _parquet_rows(path: str):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise DataError(f"reading {path} needs `pip install pyarrow`") from e
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    first = 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        try:
+            rows = pf.read_row_group(g).to_pylist()
+        except (OSError, ValueError) as e:
+            where = f"{path}[row group {g}]"
+            yield where, DataError(f"{where}: unreadable Parquet row group ({e}; rows {first} to {first + n - 1})")
+        else:
+            for i, row in enumerate(rows):
+                yield f"{path}[row {first + i}]", row
+        first += n
+
+
+def _dataset_rows(path: str):
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(f"{path} is a directory: reading a saved dataset needs `pip install datasets`") from e
+    try:
+        ds = datasets.load_from_disk(path)
+    except (OSError, ValueError) as e:  # FileNotFoundError: no dataset saved there
+        raise DataError(f"{path}: not a dataset saved with save_to_disk ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    for i, row in enumerate(ds):
+        yield f"{path}[row {i}]", row
 
 
 def _is_messages(x) -> bool:

@@ -1,5 +1,7 @@
 """Data: row formats, chat templates, completion-only labels, truncation, malformed rows, batching."""
 
+import json
+
 import pytest
 import torch
 from trainhelp import write_jsonl
@@ -116,3 +118,46 @@ def test_batch_stream_resumes_and_splits_ranks():
         a, b = ranks[0].next(2), ranks[1].next(2)
         assert sorted(a + b) == sorted(seq[k])
     assert torch.equal(torch.tensor(seq[0]), torch.tensor(BatchStream(10, seed=3).next(4)))
+
+
+def test_undecodable_and_pathological_json_lines_name_file_and_line(tmp_path, tok):
+    path = tmp_path / "odd.jsonl"
+    good = json.dumps({"prompt": "1+1=", "completion": "2"}).encode()
+    path.write_bytes(b"\n".join([good, b'{"prompt": "1+1=\xff", "completion": "2"}',  # not UTF-8
+                                 b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # nested too deep
+                                 b'{"prompt": ' + b"7" * 5000 + b"}",  # an int too long for Python
+                                 good]) + b"\n")
+    enc = Encoder(tok, 64)
+    with pytest.raises(DataError, match=rf"{path}:2: not valid UTF-8 \(byte 0xff at column 17\).*--skip-bad-rows"):
+        load_examples(str(path), encode_sft_row, enc, skip_bad_rows=False)
+    skipped = Skipped()
+    assert len(load_examples(str(path), encode_sft_row, enc, skip_bad_rows=True, skipped=skipped)) == 2
+    assert [s.split(": ")[0] for s in skipped.rows] == [f"{path}:{i}" for i in (2, 3, 4)]
+    assert "nested too deeply" in skipped.rows[1] and "not valid JSON" in skipped.rows[2]
+
+
+def test_a_corrupt_parquet_row_group_or_file_is_a_data_error(tmp_path, tok):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    rows = [{"prompt": f"{i}+1=", "completion": str(i + 1) * 9} for i in range(40)]
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), good, row_group_size=20)
+    data = bytearray(good.read_bytes())
+    chunk = pq.ParquetFile(good).metadata.row_group(1).column(1)  # the second row group's completions
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    for i in range(start + 30, start + chunk.total_compressed_size - 30):
+        data[i] = (data[i] * 7 + 13) % 256
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(bytes(data))
+    enc = Encoder(tok, 64)
+    with pytest.raises(DataError, match=rf"{bad}\[row group 1\]: unreadable Parquet row group \(.*\).*--skip-bad"):
+        load_examples(str(bad), encode_sft_row, enc, skip_bad_rows=False)
+    skipped = Skipped()
+    assert len(load_examples(str(bad), encode_sft_row, enc, skip_bad_rows=True, skipped=skipped)) == 20
+    assert [s.split(": ")[0] for s in skipped.rows] == [f"{bad}[row group 1]"]
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(good.read_bytes()[:-30])
+    for skip in (False, True):
+        with pytest.raises(DataError, match=rf"{cut}: not a readable Parquet file \("):
+            load_examples(str(cut), encode_sft_row, enc, skip_bad_rows=skip)
