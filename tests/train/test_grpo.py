@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainhelp import torchrun
 
 import fastalign.train.grpo as grpo_module
 from fastalign.train import GRPOConfig, train_grpo
@@ -266,3 +267,26 @@ def test_cli_help_lists_every_grpo_option(capsys):
     for f in dataclasses.fields(GRPOConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         assert f"--{f.name}" in text and f"default: {default!r})" in text, f.name
+
+
+def test_ddp_equals_one_process(tmp_path, small_data):
+    """Two ranks of 2 prompts each = one process of 4 prompts: the same completions (per-completion seeds), the same
+    group advantages (whole groups per rank) and, with the loss weights counted over all ranks, the same update.
+    In float64, so that what differs (the ranks' gradients summed in another order) is rounding far below what a
+    wrong group, weight or seed would change."""
+    common = {"max_steps": 3, "num_generations": 3, "num_mini_batches": 1, "num_iterations": 2, "beta": 0.05,
+              "gen_eval_data": "", "dtype": "float64"}
+    one = grpo_over(tmp_path / "one", small_data, rollout_batch_size=4, per_device_train_batch_size=6, **common)
+    train_grpo(make_config(GRPOConfig, one, "grpo"))
+    two = grpo_over(tmp_path / "two", small_data, rollout_batch_size=2, per_device_train_batch_size=3, **common)
+    proc = torchrun("grpo", two, tmp_path, {"PYTHONPATH": f"{REPO}:{ME.parent}"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for a, b in zip(rows_of(one["output_dir"]), rows_of(two["output_dir"]), strict=True):
+        for k in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length"):
+            assert a[k] == b[k], k
+        for k in ("loss", "kl", "grad_norm", "clip_ratio/region_mean"):
+            assert abs(a[k] - b[k]) <= 2e-6, (k, a[k], b[k])  # metrics.jsonl rounds to 6 decimals
+    a, b = (load_file(f"{d}/final/model.safetensors") for d in (one["output_dir"], two["output_dir"]))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-10, msg=name)
