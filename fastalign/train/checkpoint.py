@@ -26,6 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+try:
+    from safetensors import SafetensorError as _SafetensorError
+except ImportError:  # older safetensors: its errors are OSError or RuntimeError
+    _SafetensorError = OSError
+
 MANIFEST = "manifest.json"
 STATE = "trainer_state.pt"
 
@@ -39,6 +44,22 @@ def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def content_digest(path: str) -> str:
+    """The sha256 of a data file (of a directory: of its files' names and contents); ``path`` itself when it is
+    ``''`` or ``'embedded'``, ``'missing'`` when it does not exist."""
+    p = Path(path)
+    if path in ("", "embedded"):
+        return path
+    if p.is_file():
+        return _sha256(p)
+    if not p.is_dir():
+        return "missing"
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        h.update(str(f.relative_to(p)).encode() + b"\0" + _sha256(f).encode())
     return h.hexdigest()
 
 
@@ -104,29 +125,41 @@ def save(output_dir, step: int, lm, tokenizer, state: dict, extra_models: dict |
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step:06d}"
     tmp = output_dir / f"checkpoint-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    lm.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    for name, obj in (extra_models or {}).items():
-        if callable(obj) and not hasattr(obj, "save_pretrained"):
-            obj(tmp)
-        else:
-            obj.save_pretrained(str(tmp / name), safe_serialization=True)
     check_plain(state)
-    torch.save(state, tmp / STATE)
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {"step": step, "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                                        for p in files}}
-    with open(tmp / MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        lm.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for name, obj in (extra_models or {}).items():
+            if callable(obj) and not hasattr(obj, "save_pretrained"):
+                obj(tmp)
+            else:
+                obj.save_pretrained(str(tmp / name), safe_serialization=True)
+        torch.save(state, tmp / STATE)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {"step": step, "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size,
+                                                                       "sha256": _sha256(p)} for p in files}}
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError, _SafetensorError) as e:  # a full disk: torch.save says "unexpected pos ..."
+        shutil.rmtree(tmp, ignore_errors=True)  # the space it took back; the complete checkpoints are untouched
+        found = list_checkpoints(output_dir)
+        kept = (f"the checkpoints already saved (the newest: {found[-1].name}) are intact" if found else
+                "no checkpoint was saved before")
+        raise CheckpointError(f"saving {final.name} in {output_dir} failed: {e}; free space (the disk may be full) "
+                              f"or fix the directory's permissions, then resume=latest; {kept}") from None
+    old = final.with_name(final.name + ".old")
+    if final.exists():  # the same step saved again (a run resumed from an earlier checkpoint): swap, then delete
         shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    for stale in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -194,10 +227,16 @@ def find_resume(resume: str, output_dir) -> Path | None:
             return None
         path = found[-1]
     else:
-        path = Path(resume)
-        if not path.is_dir():
-            raise CheckpointError(f"resume={resume!r}: no such checkpoint directory")
+        path = resume_dir(resume)
     verify(path)
+    return path
+
+
+def resume_dir(resume: str) -> Path:
+    """The directory ``resume=<dir>`` names, or CheckpointError when there is none."""
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"resume={resume!r}: no such checkpoint directory")
     return path
 
 

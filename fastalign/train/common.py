@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -17,11 +18,14 @@ import torch.distributed as dist
 
 from fastalign.hf import check_model
 from fastalign.train import checkpoint
-from fastalign.train.config import resolve_attention, to_dict
+from fastalign.train.config import DATA_OPTIONS, RESUME_SAFE, ConfigError, resolve_attention, to_dict
 from fastalign.train.data import Batcher, check_packing
 from fastalign.train.model import greedy_complete, save_merged
 
 _MODES = {"fsdp": "with distributed=fsdp under torchrun", "ddp": "on one process or with distributed=ddp"}
+# What a run writes into its output_dir (besides checkpoint-<step>/): an output_dir holding any of them holds an
+# earlier run. sft_warmup/ (the warm start, reused when complete) and cache/ (keyed by model and data) are not.
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "final", "curves.png", "tensorboard")
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,9 +68,94 @@ class Run:
             hf_logging.disable_progress_bar()
         except ImportError:
             pass
-        if self.main:
+        self._claimed, self._resumed, self._record = False, None, None
+        check_output_dir(self.out, command)
+        if cfg.resume not in ("", "latest"):
+            checkpoint.resume_dir(cfg.resume)
+        earlier = earlier_run(self.out) if self.main else []
+        (refuse,) = self.sum_all(float(bool(earlier) and not cfg.overwrite_output_dir and not self._continues()))
+        if refuse:  # decided on rank 0 (which writes), before anything is read or written
+            found = f" ({', '.join(earlier)})" if earlier else ""
+            raise ConfigError(f"{command}: output_dir {self.out} holds an earlier run{found}; pass resume=latest to "
+                              f"continue it, overwrite_output_dir=true to replace it, or choose another output_dir")
+
+    def _continues(self) -> bool:
+        """True when ``resume`` continues the run of ``output_dir`` (``latest``, or one of its checkpoints)."""
+        resume = self.cfg.resume
+        return resume == "latest" or (bool(resume) and Path(resume).resolve().parent == self.out.resolve())
+
+    def claim(self) -> None:
+        """Take ``output_dir`` for this run, at its first write (so a run that fails on its model, data or options
+        leaves the directory as it was): create it; starting fresh where an earlier run is (``overwrite_output_dir``,
+        or ``resume=latest`` with no checkpoint yet), remove that run's outputs; write ``config.json`` and
+        ``metrics.jsonl`` (the rows up to the checkpoint of a resumed run). Rank 0 only."""
+        if self._claimed:
+            return
+        self._claimed = True
+        if not self.main:
+            return
+        with self._writing(f"output_dir {self.out}"):
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+            old = earlier_run(self.out) if self._resumed is None else []
+            for name in old:
+                p = self.out / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            if old:
+                self.say(f"{self.command}: starting fresh in {self.out}, replacing the earlier run there (removed "
+                         f"{', '.join(old)})")
+            (self.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=1))
+            with open(self.out / "metrics.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.history)
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """Report a failed write (a full disk, a read-only directory) as a CheckpointError saying what to do."""
+        try:
+            yield
+        except OSError as e:
+            found = checkpoint.list_checkpoints(self.out)
+            kept = f"the checkpoints already saved (the newest: {found[-1]}) are intact" if found else \
+                "no checkpoint was saved yet"
+            raise checkpoint.CheckpointError(
+                f"{self.command}: writing {what} failed: {e}; free space (the disk may be full) or fix the "
+                f"directory's permissions, then resume=latest; {kept}") from None
+
+    def run_record(self) -> dict:
+        """What defines this run, saved in each checkpoint and compared on resume: the command, every option but
+        the data files and ``RESUME_SAFE``, and the sha256 of each data file's content."""
+        if self._record is None:
+            settings = {k: v for k, v in to_dict(self.cfg).items() if k not in RESUME_SAFE and k not in DATA_OPTIONS}
+            data = {k: {"path": getattr(self.cfg, k), "sha256": checkpoint.content_digest(getattr(self.cfg, k))}
+                    for k in DATA_OPTIONS if hasattr(self.cfg, k)}
+            self._record = {"command": self.command, "settings": settings, "data": data}
+        return self._record
+
+    def _check_same_run(self, path, state: dict) -> None:
+        """Refuse to resume from ``path`` with other settings or data than the checkpoint's run (ConfigError
+        listing each difference); the options of ``RESUME_SAFE`` may change."""
+        saved = state.get("run")
+        if not (isinstance(saved, dict) and isinstance(saved.get("settings"), dict) and
+                isinstance(saved.get("data"), dict)):
+            raise checkpoint.CheckpointError(f"checkpoint {path} has no record of its run's settings (saved by an "
+                                             f"older fastalign?); its weights load as model={path}")
+        now, diffs = self.run_record(), []
+        if saved.get("command") != self.command:
+            diffs.append(f"the command: {saved.get('command')} in the checkpoint, {self.command} now")
+        defaults = type(self.cfg)()
+        for k, v in now["settings"].items():
+            old = saved["settings"].get(k, getattr(defaults, k))  # an option newer than the checkpoint: its default
+            if old != v:
+                diffs.append(f"{k}: {old!r} in the checkpoint, {v!r} now")
+        for k, d in now["data"].items():
+            old = saved["data"].get(k)
+            if old is not None and old.get("sha256") != d["sha256"]:
+                diffs.append(f"{k}: the content of {d['path']} differs from the checkpoint's ({old.get('path')}: "
+                             f"sha256 {str(old.get('sha256'))[:16]}, now {d['sha256'][:16]})")
+        if diffs:
+            raise ConfigError(f"{self.command}: resume={self.cfg.resume}: the checkpoint {path} is of a run with other "
+                              f"settings:\n  " + "\n  ".join(diffs) + f"\nResume it with its own settings (only "
+                              f"{', '.join(RESUME_SAFE)} may change), or start a new run (another output_dir, or "
+                              f"overwrite_output_dir=true)")
 
     # ---- model and optimization -------------------------------------------------------------------------
     @property
@@ -208,9 +297,10 @@ class Run:
         """Record metrics of ``step`` (1-based): metrics.jsonl, TensorBoard, the progress bar (rank 0 only)."""
         if not self.main:
             return
+        self.claim()
         row = {"step": step, **{k: round(float(v), 6) for k, v in metrics.items()}}
         self.history.append(row)
-        with open(self.out / "metrics.jsonl", "a") as f:
+        with self._writing(self.out / "metrics.jsonl"), open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.cfg.report_to_tensorboard:
             if self._tb is None:
@@ -252,9 +342,12 @@ class Run:
         if self._tb is not None:
             self._tb.close()
         if self.main:
-            if self.cfg.plots and self.history:
-                summary["plot"] = str(plot_history(self.history, plot_keys, self.out / "curves.png", self.command))
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            self.claim()
+            with self._writing(f"the summary and plots in {self.out}"):
+                if self.cfg.plots and self.history:
+                    summary["plot"] = str(plot_history(self.history, plot_keys, self.out / "curves.png",
+                                                       self.command))
+                (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
             print(f"== {self.command} summary")
             for k, v in summary.items():
                 print(f"  {k}: {round(v, 4) if isinstance(v, float) else v}")
@@ -288,49 +381,47 @@ class Run:
         return weights, None if opt is None else get_optimizer_state_dict(root, opt, options=full)
 
     def save(self, step: int, lm, tokenizer, opt, sched, consumed: int, extra_state=None, extra_models=None):
+        """Write ``checkpoint-<step>``: the model, and the trainer state (optimizer, scheduler, RNG, data position,
+        the history, the run's record for resume, and ``extra_state``). Every value of ``extra_state`` must be a
+        tensor or a plain value (None, bool, int, float, str, and dicts/lists/tuples of them): the state loads with
+        ``weights_only=True``; anything else is a TypeError here, at the first save."""
         weights, optim = self.full_states(lm, opt)
         if not self.main:
             return None
+        self.claim()
         state = {"step": step, "consumed": consumed, "optimizer": optim, "scheduler": sched.state_dict(),
                  "distributed": "fsdp" if self.fsdp else "ddp", "rng": checkpoint.rng_state(),
-                 "history": self.history, **(extra_state or {})}
+                 "history": self.history, "run": self.run_record(), **(extra_state or {})}
         return checkpoint.save(self.out, step, lm, tokenizer, state, extra_models, weights=weights)
 
     def save_final(self, lm, tokenizer, extra=None) -> Path:
         final = self.out / "final"
         weights, _ = self.full_states(lm)
         if self.main:
-            if weights is None:
-                save_merged(lm, final)
-            else:
-                lm.save_pretrained(str(final), safe_serialization=True, state_dict=weights)
-            tokenizer.save_pretrained(str(final))
-            if extra is not None:
-                extra(final)
+            self.claim()
+            with self._writing(f"the final model to {final}"):
+                if weights is None:
+                    save_merged(lm, final)
+                else:
+                    lm.save_pretrained(str(final), safe_serialization=True, state_dict=weights)
+                tokenizer.save_pretrained(str(final))
+                if extra is not None:
+                    extra(final)
         return final
 
     def resume_point(self):
-        """``(path, state)`` of the checkpoint to resume from, or ``(None, None)``."""
+        """``(path, state)`` of the checkpoint to resume from, or ``(None, None)``. A checkpoint of a run with other
+        settings or data is refused (:meth:`_check_same_run`). Nothing is written here (:meth:`claim` does, at the
+        run's first write)."""
         path = checkpoint.find_resume(self.cfg.resume, self.out)
+        self._resumed = path
         if path is None:
-            old = checkpoint.list_checkpoints(self.out)
-            if self.main and old:  # a fresh run: an earlier run's checkpoints would mix with this one's
-                for p in old:
-                    shutil.rmtree(p)
-                self.say(f"{self.command}: starting fresh in {self.out}: removed {len(old)} checkpoint(s) of an "
-                         f"earlier run (pass resume=latest to continue a run instead)")
-            self._rewrite_metrics()
             return None, None
         state = checkpoint.load_state(path)
-        self.history = [r for r in state.get("history", []) if r["step"] <= state["step"]]
-        self._rewrite_metrics()  # drop rows logged after the checkpoint by the interrupted run
-        self.say(f"{self.command}: resuming from {path} (step {state['step']})")
+        self._check_same_run(path, state)
+        self.history = [r for r in state.get("history", []) if r["step"] <= state["step"]]  # not the rows logged
+        self.say(f"{self.command}: resuming from {path} (step {state['step']})")  # after it by the interrupted run
         return path, state
-
-    def _rewrite_metrics(self) -> None:
-        if self.main:
-            with open(self.out / "metrics.jsonl", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.history)
 
     def restore(self, state: dict, opt, sched) -> None:
         saved = state.get("distributed", "ddp")
@@ -357,6 +448,28 @@ class Run:
     def every(self, k: int, step: int) -> bool:
         """True at steps that are multiples of ``k`` (``k = 0``: never) and at the last step."""
         return step == self.cfg.max_steps or (k > 0 and step % k == 0)
+
+
+def earlier_run(out: Path) -> list[str]:
+    """The names of an earlier run's outputs in ``out`` (:data:`RUN_OUTPUTS`, ``checkpoint-<step>[.tmp]``)."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir()
+                  if p.name in RUN_OUTPUTS or re.fullmatch(r"checkpoint-\d+(\.tmp|\.old)?", p.name))
+
+
+def check_output_dir(out: Path, command: str) -> None:
+    """Raise ConfigError when ``out`` cannot be a run's directory: it, or the nearest existing folder above it, is
+    a file, or is not writable."""
+    p = out.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        what = f"{out} is" if p == out.absolute() else f"{out} cannot be made: {p} is"
+        raise ConfigError(f"{command}: output_dir {what} a file, not a directory; choose another output_dir")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(f"{command}: output_dir {out} is not writable ({p} does not allow this user to write): "
+                          f"choose another output_dir, or make it writable")
 
 
 def decoder_layers(lm) -> list:

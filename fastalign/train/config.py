@@ -104,8 +104,12 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={
         "help": "module names that get adapters, comma separated; all-linear: every linear layer but the LM head"})
-    resume: str = field(default="", metadata={"help": "'latest': the newest checkpoint in output_dir; or a "
-                                              "checkpoint directory; '': start fresh"})
+    resume: str = field(default="", metadata={"help": "'latest': the newest checkpoint in output_dir (none yet: start "
+                                              "fresh); or a checkpoint directory; '': start fresh (refused when "
+                                              "output_dir holds an earlier run, unless overwrite_output_dir)"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start fresh in an output_dir that holds an earlier run, replacing its checkpoints, metrics and "
+                "final model (once the new run's model and data have loaded); without it such a run is refused"})
     report_to_tensorboard: bool = field(default=True, metadata={"help": "also log to TensorBoard when installed"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots of the curves at the end"})
     progress_bar: bool = True
@@ -173,15 +177,29 @@ class DPOConfig(WarmStartConfig):
 WARM_START_OWN = ("model", "tokenizer", "data", "eval_data", "output_dir", "per_device_train_batch_size",
                   "gradient_accumulation_steps", "max_steps", "learning_rate", "weight_decay", "adam_beta1",
                   "adam_beta2", "warmup_steps", "max_grad_norm", "eval_steps", "save_steps", "logging_steps",
-                  "resume", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+                  "resume", "overwrite_output_dir", "use_lora", "lora_r", "lora_alpha", "lora_dropout",
+                  "lora_target_modules")
+
+# The options a resumed run may change (resume=latest with other values of these continues the run); a change of
+# any other option, or of the data files' content, is refused (fastalign.train.common.Run.resume_point). They
+# change how the run is watched, where it runs and when it stops, not what it computes step by step.
+RESUME_SAFE = ("max_steps", "logging_steps", "eval_steps", "save_steps", "progress_bar", "plots",
+               "report_to_tensorboard", "resume", "overwrite_output_dir", "output_dir", "device", "cpu_threads",
+               "attn_implementation", "gradient_checkpointing", "check_model", "skip_bad_rows")
+# The data options: a resumed run compares their content (a sha256 of the files), so data moved to another path
+# resumes, and other rows at the same path do not.
+DATA_OPTIONS = ("data", "eval_data", "gen_eval_data", "sft_data")
 
 
 def warm_start_config(cfg: TrainConfig, **own) -> SFTConfig:
     """The SFT config of a warm start for the run ``cfg``: every option ``SFTConfig`` shares with ``cfg`` and
-    does not list in ``WARM_START_OWN`` is ``cfg``'s; those in it take the SFT defaults, then ``own``."""
+    does not list in ``WARM_START_OWN`` is ``cfg``'s; those in it take the SFT defaults, then ``own``.
+
+    A warm start that did not complete is redone (``overwrite_output_dir``): its directory is the run's cache,
+    reused only when complete; with ``resume`` set (``own``), it continues from its checkpoint instead."""
     inherited = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SFTConfig)
                  if f.name not in WARM_START_OWN and hasattr(cfg, f.name)}
-    return make_config(SFTConfig, {**inherited, **own}, "sft")
+    return make_config(SFTConfig, {**inherited, "overwrite_output_dir": True, **own}, "sft")
 
 
 @dataclass

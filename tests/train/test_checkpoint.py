@@ -102,15 +102,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, small_data,
     verify(list_checkpoints(cfg.output_dir)[-1])
 
 
-def test_a_fresh_run_replaces_an_earlier_runs_checkpoints_and_metrics(tmp_path, small_data, capsys):
-    over = quick(tmp_path, small_data, "sft", max_steps=2, save_steps=1, gen_eval_data="")
-    train_sft(make_config(SFTConfig, over, "sft"))
-    train_sft(make_config(SFTConfig, {**over, "max_steps": 1}, "sft"))
-    assert "removed 2 checkpoint(s) of an earlier run" in capsys.readouterr().out
-    assert [p.name for p in list_checkpoints(over["output_dir"])] == ["checkpoint-000001"]
-    assert [json.loads(line)["step"] for line in open(Path(over["output_dir"]) / "metrics.jsonl")] == [1]
-
-
 class _WritesAFile:
     """Unpickling this runs ``Path(target).write_text("pwned")``: what a hostile checkpoint could do."""
 
@@ -159,7 +150,7 @@ def test_the_reference_logps_cache_is_loaded_without_unpickling(tmp_path, small_
     marker = tmp_path / "pwned.txt"
     torch.save(_WritesAFile(marker), cache)
     with pytest.raises(Exception, match="Weights only load failed"):
-        train_dpo(make_config(DPOConfig, over, "dpo"))  # a fresh run in the same directory reads the cache
+        train_dpo(make_config(DPOConfig, {**over, "overwrite_output_dir": True}, "dpo"))  # a new run reads the cache
     assert not marker.exists()
 
 
