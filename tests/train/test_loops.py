@@ -81,7 +81,7 @@ def test_dpo_end_to_end(tmp_path, small_data, ref):
         cached = list((tmp_path / "run_dpo" / "cache").glob("ref_logps-*.pt"))
         assert len(cached) == 2  # train and held-out pairs
         stamps = [p.stat().st_mtime_ns for p in cached]
-        train_dpo(cfg)  # same model and data: the cache is reused, not recomputed
+        train_dpo(make_config(DPOConfig, {**vars(cfg), "overwrite_output_dir": True}, "dpo"))  # the cache is reused
         assert [p.stat().st_mtime_ns for p in cached] == stamps
     if ref == "sync":  # the moving reference is saved and is no longer the starting model
         ref_saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run_dpo" / "checkpoint-000003" / "ref"))
