@@ -72,6 +72,13 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor | None = None, *, cu_seqlen
     return torch.where(has, per_seq, 0.0).sum() / has.sum().clamp(min=1)
 
 
+def _select(x, m):
+    """``x`` in the accumulation dtype with its masked-out elements replaced by 0, before any arithmetic: a NaN or
+    inf there (padding) then reaches neither a value nor a gradient (a select after the arithmetic would leave
+    ``0 * NaN`` in the backward)."""
+    return torch.where(m, _acc(x), 0.0)
+
+
 def _masked_mean(x, m):
     x = x.detach()
     return torch.where(m, _acc(x), 0.0).sum() / m.sum().clamp(min=1)
@@ -111,7 +118,8 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         loss = agg(pg) - entropy_coef * agg(entropy) + kl_coef * agg(kl(logprobs, ref_logprobs))
 
     ``clip_high`` defaults to ``clip_low`` (DAPO's clip-higher sets it larger, e.g. 0.28). ``agg`` is one of
-    :data:`AGG_MODES` (see :func:`aggregate`). Gradients flow to ``logprobs`` and ``entropy``.
+    :data:`AGG_MODES` (see :func:`aggregate`). Gradients flow to ``logprobs`` and ``entropy``. Masked-out
+    positions may hold anything (NaN and inf included): they reach neither the loss, the metrics nor a gradient.
 
     Args:
         logprobs, old_logprobs, advantages: ``[B, T]`` (with ``mask``) or ``[N]`` (with ``cu_seqlens``).
@@ -137,7 +145,7 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     if agg not in AGG_MODES:
         raise ValueError(f"agg must be one of {AGG_MODES}; got {agg!r}")
     m = _valid(logprobs, mask, cu_seqlens)
-    lp, old, adv = _acc(logprobs), _acc(old_logprobs).detach(), _acc(advantages).detach()
+    lp, old, adv = _select(logprobs, m), _select(old_logprobs, m).detach(), _select(advantages, m).detach()
     log_ratio = (lp - old).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     ratio = torch.exp(log_ratio)
     pg1 = -adv * ratio
@@ -157,11 +165,12 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     metrics["val/ratio"] = ratio_mean
     metrics["val/ratio_var"] = _masked_mean((ratio.detach() - ratio_mean) ** 2, m)
     if entropy is not None:
+        entropy = _select(entropy, m)
         metrics["policy/entropy_avg"] = _masked_mean(entropy, m)
         if entropy_coef:
-            loss = loss - entropy_coef * aggregate(_acc(entropy), m, cu_seqlens=cu_seqlens, mode=agg)
+            loss = loss - entropy_coef * aggregate(entropy, m, cu_seqlens=cu_seqlens, mode=agg)
     if ref_logprobs is not None:
-        kl = kl_estimate(logprobs, ref_logprobs.detach(), kl_kind, kl_clamp)
+        kl = kl_estimate(lp, _select(ref_logprobs, m).detach(), kl_kind, kl_clamp)
         metrics["objective/kl"] = _masked_mean(kl, m)
         if kl_coef:
             loss = loss + kl_coef * aggregate(kl, m, cu_seqlens=cu_seqlens, mode=agg)
@@ -174,7 +183,8 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     """PPO's clipped value loss ``0.5 * agg(max((V - R)^2, (V_clipped - R)^2))`` with
     ``V_clipped = old_V + clamp(V - old_V, -clip, clip)``; ``clip=None`` gives the plain MSE ``0.5 * agg((V - R)^2)``.
 
-    Same as TRL's ``vf_loss`` (``cliprange_value``). Gradients flow to ``values``.
+    Same as TRL's ``vf_loss`` (``cliprange_value``). Gradients flow to ``values``. Masked-out positions may hold
+    anything (NaN and inf included): they reach neither the loss, the metrics nor a gradient.
 
     Returns:
         ``(loss, metrics)`` with ``loss/value_avg``, ``val/clipfrac_avg``, ``val/vpred``, ``val/error``.
@@ -188,7 +198,7 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     if clip is not None and not (math.isfinite(clip) and clip > 0):
         raise ValueError(f"clip must be None (plain MSE) or a finite number > 0; got {clip}")
     m = _valid(values, mask, cu_seqlens)
-    v, old, ret = _acc(values), _acc(old_values).detach(), _acc(returns).detach()
+    v, old, ret = _select(values, m), _select(old_values, m).detach(), _select(returns, m).detach()
     vf1 = (v - ret) ** 2
     if clip is None:
         vf, clipfrac = vf1, torch.zeros((), dtype=v.dtype, device=v.device)

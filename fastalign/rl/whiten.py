@@ -38,7 +38,8 @@ def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool =
     Same as TRL's ``masked_whiten(x, mask, shift_mean)``: with ``shift_mean=False`` the mean is added back
     (only the scale changes). ``unbiased`` uses the ``n - 1`` variance. With ``process_group``, the count, the sum
     and the sum of squared deviations are all-reduced, so every rank gets exactly the whitening of the
-    concatenation of all ranks' valid elements. Differentiable w.r.t. ``x``. Elements outside the mask are 0.
+    concatenation of all ranks' valid elements. Differentiable w.r.t. ``x``. Elements outside the mask are 0 and get
+    zero gradient, whatever they hold (NaN and inf included).
 
     Args:
         x: any shape, floating. mask: 0/1 (bool, integer or float) of ``x``'s shape; None = all valid.
@@ -52,14 +53,15 @@ def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool =
     mask = check_mask(mask, x)
     check_same_device(x=x, mask=mask)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = x.to(acc)
-    m = torch.ones_like(xf, dtype=torch.bool) if mask is None else mask
-    xm = torch.where(m, xf, 0.0)
+    m = torch.ones_like(x, dtype=torch.bool) if mask is None else mask
+    # Masked-out elements are replaced by 0 before any arithmetic: a NaN/inf there then reaches neither the value
+    # nor the gradient (selecting after the arithmetic would leave 0 * NaN in the backward of (x - mean)^2).
+    xm = torch.where(m, x.to(acc), 0.0)
     stats = _all_reduce_sum(torch.stack([m.sum().to(acc), xm.sum()]), process_group)
     count, mean = stats[0], stats[1] / stats[0].clamp(min=1)
-    sq = _all_reduce_sum(torch.where(m, (xf - mean) ** 2, 0.0).sum(), process_group)
+    sq = _all_reduce_sum(torch.where(m, (xm - mean) ** 2, 0.0).sum(), process_group)
     var = sq / (count - 1 if unbiased else count).clamp(min=1)
-    out = (xf - mean) * torch.rsqrt(var + eps)
+    out = (xm - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
     return torch.where(m, out, 0.0).to(x.dtype)

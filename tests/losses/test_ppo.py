@@ -136,6 +136,44 @@ def test_masked_nan_is_ignored():
     assert torch.isfinite(loss)
 
 
+def _dirty(x, m, bad):
+    return torch.where(m, x, bad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_masked_nonfinite_inputs_give_no_value_and_no_gradient(agg, layout, bad):
+    """NaN/inf at masked positions of any per-token input (logprobs, old logprobs, advantages, entropy, reference
+    logprobs; values, old values, returns) must reach neither the loss, the metrics nor any gradient."""
+    lp, old, adv, m = _inputs(dtype=torch.float64)
+    ent, ref = torch.rand_like(lp), lp - 0.1 * torch.randn_like(lp)
+    cu = None
+    if layout == "packed":  # packed tokens with a mask of their own
+        cu = torch.tensor([0, 9, 18, 27, 36])
+        lp, old, adv, ent, ref, m = (x.reshape(-1) for x in (lp, old, adv, ent, ref, m))
+    opts = dict(cu_seqlens=cu, agg=agg, dual_clip=3.0, entropy_coef=0.01, kl_coef=0.1)
+    v = torch.randn_like(lp)
+    results = []
+    for value in (None, bad):
+        leaves = [x.clone().requires_grad_() for x in (lp if value is None else _dirty(lp, m, value), ent)]
+        args = [x if value is None else _dirty(x, m, value) for x in (old, adv, ref)]
+        loss, metrics = ppo_policy_loss(leaves[0], args[0], args[1], m, entropy=leaves[1], ref_logprobs=args[2],
+                                        **opts)
+        grads = torch.autograd.grad(loss, leaves)
+        vleaf = (v if value is None else _dirty(v, m, value)).clone().requires_grad_()
+        vargs = [x if value is None else _dirty(x, m, value) for x in (v + 0.1, adv)]
+        vloss, vmetrics = ppo_value_loss(vleaf, vargs[0], vargs[1], m, cu_seqlens=cu, agg=agg)
+        grads += torch.autograd.grad(vloss, vleaf)
+        results.append((loss, vloss, {**metrics, **vmetrics}, grads))
+    (loss, vloss, metrics, grads), (loss_d, vloss_d, metrics_d, grads_d) = results
+    assert torch.equal(loss_d, loss) and torch.equal(vloss_d, vloss)
+    for k in metrics:
+        assert torch.equal(metrics_d[k], metrics[k]), k
+    for g, g_d in zip(grads, grads_d):
+        assert torch.isfinite(g_d).all() and torch.equal(g_d, g) and (g_d[~m] == 0).all()
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton", "cpp"])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_fused_loss_equals_naive_loss_on_materialized_logits(impl, layout, impl_on):

@@ -76,3 +76,22 @@ def test_two_gloo_processes_equal_whitening_of_the_concatenation(tmp_path):
     assert_close_to_ref(torch.cat([g["grad"] for g in got]), x.grad, atol=1e-12, name="distributed whiten grad")
     # And a single rank alone is *not* the global whitening (the test can fail).
     assert not torch.allclose(whiten(xs[0], ms[0]), ref[:3])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_masked_out_nonfinite_values_give_no_value_and_no_gradient(bad, shift_mean):
+    """A NaN or inf outside the mask must touch neither the result nor any gradient (the forward used to be right
+    and the backward NaN everywhere: 0 * NaN in the gradient of the masked-out squared deviation)."""
+    x = torch.randn(3, 7, dtype=torch.float64)
+    m = torch.rand(3, 7) > 0.3
+    m[1, 2], m[2, 5] = False, True
+    upstream = torch.randn(3, 7, dtype=torch.float64)
+    clean = x.clone().requires_grad_()
+    dirty = torch.where(m, x, bad).requires_grad_()
+    out_clean, out_dirty = whiten(clean, m, shift_mean), whiten(dirty, m, shift_mean)
+    assert torch.equal(out_dirty, out_clean)
+    g_clean = torch.autograd.grad((out_clean * upstream).sum(), clean)[0]
+    g_dirty = torch.autograd.grad((out_dirty * upstream).sum(), dirty)[0]
+    assert torch.isfinite(g_dirty).all()
+    assert torch.equal(g_dirty, g_clean) and (g_dirty[~m] == 0).all()
