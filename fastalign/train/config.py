@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -408,17 +410,82 @@ def _fields(cls):
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
 
 
+# The most sequences one rank holds at once: a micro-batch (per_device_train_batch_size), one optimizer step's
+# micro-batches (x gradient_accumulation_steps) and one rollout batch (rollout_batch_size x num_generations). It
+# is a bound on the request, not on memory: the data size is not known when options are checked, and a batch
+# larger than the data is legal (the stream wraps around epochs); what this stops is a typo such as 10**9 hanging
+# while it builds that many indices. 65,536 sequences is more than any device holds at once.
+MAX_BATCH = 1 << 16
+
+
+def _device_expected(device: str) -> str | None:
+    """What ``device`` must be, when it is not valid on this machine (None when it is)."""
+    if device in ("auto", "cpu"):
+        return None
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if m is None:
+        return "auto, cpu, cuda or cuda:<index>"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "auto or cpu on this machine (no CUDA GPU)"
+    n = torch.cuda.device_count()
+    if m.group(1) is not None and int(m.group(1)) >= n:
+        return f"cuda:0 to cuda:{n - 1} ({n} GPUs)"
+    return None
+
+
+def _not_finite(cfg) -> list[tuple[str, bool, str]]:
+    """A check of every float option (and list of floats): NaN and infinities are refused everywhere."""
+    checks = []
+    for name, (_, tp) in _fields(type(cfg)).items():
+        base, item = _base_type(tp)
+        value = getattr(cfg, name)
+        if base is float:
+            checks.append((name, math.isfinite(value), "a finite number"))
+        elif base is list and item is float:
+            checks.append((name, all(math.isfinite(v) for v in value), "finite numbers"))
+    return checks
+
+
 def _validate(cfg, command: str) -> None:
-    checks = [("max_length", cfg.max_length >= 2, ">= 2"), ("max_steps", cfg.max_steps >= 1, ">= 1"),
-              ("per_device_train_batch_size", cfg.per_device_train_batch_size >= 1, ">= 1"),
-              ("gradient_accumulation_steps", cfg.gradient_accumulation_steps >= 1, ">= 1"),
-              ("learning_rate", cfg.learning_rate >= 0, ">= 0"), ("warmup_steps", cfg.warmup_steps >= 0, ">= 0"),
-              ("truncation_mode", cfg.truncation_mode in ("keep_end", "keep_start"), "keep_end or keep_start"),
-              ("dtype", cfg.dtype in ("float32", "bfloat16", "float64"), "float32, bfloat16 or float64"),
-              ("distributed", cfg.distributed in ("ddp", "fsdp"), "ddp or fsdp"),
-              ("attn_implementation", cfg.attn_implementation in ATTENTION, ", ".join(ATTENTION)),
-              ("distributed", not (isinstance(cfg, RMConfig) and cfg.distributed == "fsdp"),
-               "ddp for rm (FSDP2 is supported by sft, dpo and ppo)")]
+    """Check every option's range (ConfigError naming the option, the allowed range and the value), before any
+    work."""
+    micro = cfg.per_device_train_batch_size
+    checks = _not_finite(cfg) + [
+        ("model", bool(cfg.model), "'embedded', a model directory or a hub id"),
+        ("data", bool(cfg.data), "'embedded', a data file or a datasets directory"),
+        ("max_length", cfg.max_length >= 2, ">= 2"), ("max_steps", cfg.max_steps >= 1, ">= 1"),
+        ("max_new_tokens", cfg.max_new_tokens >= 1, ">= 1"),
+        ("per_device_train_batch_size", 1 <= micro <= MAX_BATCH, f"in [1, {MAX_BATCH}]"),
+        ("gradient_accumulation_steps", cfg.gradient_accumulation_steps >= 1, ">= 1"),
+        ("gradient_accumulation_steps", micro * cfg.gradient_accumulation_steps <= MAX_BATCH,
+         f"at most {MAX_BATCH} / per_device_train_batch_size = {MAX_BATCH // max(micro, 1)} (a step holds at most "
+         f"{MAX_BATCH} sequences per rank)"),
+        ("learning_rate", cfg.learning_rate >= 0, ">= 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+        ("adam_beta1", 0 <= cfg.adam_beta1 < 1, "in [0, 1)"), ("adam_beta2", 0 <= cfg.adam_beta2 < 1, "in [0, 1)"),
+        ("warmup_steps", cfg.warmup_steps >= 0, ">= 0"),
+        ("max_grad_norm", cfg.max_grad_norm >= 0, ">= 0 (0: no clipping)"),
+        ("eval_steps", cfg.eval_steps >= 0, ">= 0 (0: only at the end)"),
+        ("save_steps", cfg.save_steps >= 0, ">= 0 (0: only at the end)"),
+        ("logging_steps", cfg.logging_steps >= 0, ">= 0 (0: only at the end)"),
+        ("seed", 0 <= cfg.seed < 2**31, "in [0, 2**31)"),
+        ("cpu_threads", cfg.cpu_threads >= 0, ">= 0 (0: the default)"),
+        ("device", (device := _device_expected(cfg.device)) is None, device),
+        ("truncation_mode", cfg.truncation_mode in ("keep_end", "keep_start"), "keep_end or keep_start"),
+        ("dtype", cfg.dtype in ("float32", "bfloat16", "float64"), "float32, bfloat16 or float64"),
+        ("distributed", cfg.distributed in ("ddp", "fsdp"), "ddp or fsdp"),
+        ("attn_implementation", cfg.attn_implementation in ATTENTION, ", ".join(ATTENTION)),
+        ("distributed", not (isinstance(cfg, RMConfig) and cfg.distributed == "fsdp"),
+         "ddp for rm (FSDP2 is supported by sft, dpo and ppo)"),
+        ("lora_r", cfg.lora_r >= 1, ">= 1"), ("lora_alpha", cfg.lora_alpha > 0, "> 0"),
+        ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
+        ("lora_target_modules", bool(cfg.lora_target_modules), "a comma-separated list of names")]
+    if isinstance(cfg, RMConfig):
+        checks.append(("center_rewards_coefficient", cfg.center_rewards_coefficient >= 0, ">= 0"))
+    if isinstance(cfg, WarmStartConfig):
+        checks += [("sft_warmup_steps", cfg.sft_warmup_steps >= 0, ">= 0"),
+                   ("sft_data", bool(cfg.sft_data), "'embedded' or a data file")]
     if cfg.attn_implementation == "flash_attention_2":
         checks.append(("attn_implementation", flash_attn_installed(),
                        "auto, sdpa or eager: flash-attn is not installed (pip install 'fastalign[flash]')"))
@@ -435,10 +502,7 @@ def _validate(cfg, command: str) -> None:
                    ("use_lora", not getattr(cfg, "ref_ema_decay", 0.0),
                     "false with ref_ema_decay (the EMA reference mixes full weights)"),
                    ("use_lora", not getattr(cfg, "sync_ref_model", False),
-                    "false with sync_ref_model (the moving reference mixes full weights)"),
-                   ("lora_r", cfg.lora_r >= 1, ">= 1"), ("lora_alpha", cfg.lora_alpha > 0, "> 0"),
-                   ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
-                   ("lora_target_modules", bool(cfg.lora_target_modules), "a comma-separated list of names")]
+                    "false with sync_ref_model (the moving reference mixes full weights)")]
     if isinstance(cfg, DPOConfig):
         from fastalign.losses.dpo import LOSS_TYPES
 
@@ -447,15 +511,30 @@ def _validate(cfg, command: str) -> None:
                     f"a comma-separated list of {', '.join(LOSS_TYPES)}"),
                    ("loss_weights", not cfg.loss_weights or len(cfg.loss_weights) == len(cfg.loss_type),
                     "empty or one weight per loss type"),
+                   ("loss_weights", all(w >= 0 for w in cfg.loss_weights), ">= 0 each"),
+                   ("label_smoothing", 0 <= cfg.label_smoothing <= 0.5, "in [0, 0.5]"),
+                   ("label_smoothing", "robust" not in cfg.loss_type or cfg.label_smoothing < 0.5,
+                    "in [0, 0.5) with loss_type robust"),
+                   ("simpo_gamma", cfg.simpo_gamma >= 0, ">= 0"), ("cpo_alpha", cfg.cpo_alpha >= 0, ">= 0"),
                    ("ref_model_mixup_alpha", 0 < cfg.ref_model_mixup_alpha <= 1, "in (0, 1]"),
                    ("ref_model_sync_steps", cfg.ref_model_sync_steps >= 1, ">= 1"),
                    ("precompute_ref_log_probs", not (cfg.precompute_ref_log_probs and cfg.sync_ref_model),
                     "false when sync_ref_model is true (a moving reference cannot be precomputed)")]
     if isinstance(cfg, RolloutConfig):
-        checks += [("rollout_batch_size", cfg.rollout_batch_size >= 1, ">= 1"),
+        module, colon, function = cfg.reward_fn.rpartition(":")
+        checks += [("rollout_batch_size", 1 <= cfg.rollout_batch_size <= MAX_BATCH, f"in [1, {MAX_BATCH}]"),
+                   ("num_mini_batches", cfg.num_mini_batches >= 1, ">= 1"),
                    ("temperature", cfg.temperature > 0, "> 0"), ("top_k", cfg.top_k >= 0, ">= 0"),
-                   ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"), ("max_new_tokens", cfg.max_new_tokens >= 1, ">= 1"),
-                   ("reward_fn", bool(cfg.reward_fn or cfg.reward_model), "set when reward_model is not")]
+                   ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
+                   ("max_new_tokens", 1 <= cfg.max_new_tokens <= cfg.max_length - 1,
+                    f"in [1, max_length - 1 = {cfg.max_length - 1}]"),
+                   ("reward_fn", bool(cfg.reward_fn or cfg.reward_model), "set when reward_model is not"),
+                   ("reward_fn", bool(cfg.reward_model) or cfg.reward_fn in ("", "embedded") or
+                    bool(colon and module and function), "'embedded', 'module:function' or 'file.py:function'")]
+        if hasattr(cfg, "num_generations"):
+            checks.append(("num_generations", cfg.rollout_batch_size * cfg.num_generations <= MAX_BATCH,
+                           f"at most {MAX_BATCH} / rollout_batch_size = {MAX_BATCH // max(cfg.rollout_batch_size, 1)}"
+                           f" (a rollout batch holds at most {MAX_BATCH} sequences per rank)"))
     if isinstance(cfg, IterDPOConfig):
         checks += [("rounds", cfg.rounds >= 1, ">= 1"),
                    ("max_steps", cfg.rounds < 1 or cfg.max_steps % cfg.rounds == 0,
@@ -494,6 +573,8 @@ def _validate(cfg, command: str) -> None:
                     "token-mean, seq-mean-token-sum or seq-mean-token-mean"),
                    ("cliprange_value", cfg.cliprange_value >= 0, ">= 0"), ("vf_coef", cfg.vf_coef > 0, "> 0"),
                    ("critic_learning_rate", cfg.critic_learning_rate >= 0, ">= 0"),
+                   ("missing_eos_penalty", cfg.missing_eos_penalty >= 0, ">= 0"),
+                   ("entropy_coef", cfg.entropy_coef >= 0, ">= 0"),
                    ("critic_warmup_steps", 0 <= cfg.critic_warmup_steps < cfg.max_steps,
                     f"in [0, max_steps={cfg.max_steps})"),
                    ("ref_ema_decay", 0 <= cfg.ref_ema_decay < 1, "in [0, 1)")]
