@@ -334,10 +334,10 @@ class IterDPOConfig(DPOConfig, RolloutConfig):
     the round's pairs (any ``loss_type``; a fresh optimizer and schedule each round), against a reference that is
     the round's starting policy or the first one (``ref_update``)."""
 
-    rounds: int = field(default=3, metadata={"help": "sample -> score -> pair -> DPO rounds"})
-    max_steps: int = field(default=150, metadata={
+    rounds: int = field(default=5, metadata={"help": "sample -> score -> pair -> DPO rounds"})
+    max_steps: int = field(default=250, metadata={
         "help": "DPO optimizer steps over all rounds: max_steps / rounds per round (rounds must divide it)"})
-    learning_rate: float = field(default=5e-4, metadata={"help": "peak learning rate of each round's schedule"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate of each round's schedule"})
     warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps of each round's schedule"})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "pairs per micro-batch"})
     eval_steps: int = field(default=0, metadata={
