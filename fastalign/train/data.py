@@ -16,6 +16,7 @@ completion only). A malformed row raises :class:`DataError` naming the file and 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,7 +118,23 @@ def _jsonl_rows(path: str):
             if not isinstance(row, dict):
                 yield where, DataError(f"{where}: a row must be a JSON object; got {type(row).__name__}")
                 continue
+            if _SURROGATE_ESCAPE.search(line) and not _is_unicode(row):
+                yield where, DataError(f"{where}: not valid Unicode text (an unpaired surrogate escape such as "
+                                       f"\\ud800, which no tokenizer can encode)")
+                continue
             yield where, row
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _is_unicode(row) -> bool:
+    """False when a string of ``row`` holds an unpaired surrogate (JSON's ``\\ud800``: not encodable as UTF-8)."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parquet_rows(path: str):

@@ -126,14 +126,17 @@ def test_undecodable_and_pathological_json_lines_name_file_and_line(tmp_path, to
     path.write_bytes(b"\n".join([good, b'{"prompt": "1+1=\xff", "completion": "2"}',  # not UTF-8
                                  b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # nested too deep
                                  b'{"prompt": ' + b"7" * 5000 + b"}",  # an int too long for Python
+                                 b'{"prompt": "1+1=\\ud800", "completion": "2"}',  # a lone surrogate
+                                 b'{"prompt": "1+1=\\ud83d\\ude00", "completion": "2"}',  # a surrogate pair: fine
                                  good]) + b"\n")
     enc = Encoder(tok, 64)
     with pytest.raises(DataError, match=rf"{path}:2: not valid UTF-8 \(byte 0xff at column 17\).*--skip-bad-rows"):
         load_examples(str(path), encode_sft_row, enc, skip_bad_rows=False)
     skipped = Skipped()
-    assert len(load_examples(str(path), encode_sft_row, enc, skip_bad_rows=True, skipped=skipped)) == 2
-    assert [s.split(": ")[0] for s in skipped.rows] == [f"{path}:{i}" for i in (2, 3, 4)]
+    assert len(load_examples(str(path), encode_sft_row, enc, skip_bad_rows=True, skipped=skipped)) == 3
+    assert [s.split(": ")[0] for s in skipped.rows] == [f"{path}:{i}" for i in (2, 3, 4, 5)]
     assert "nested too deeply" in skipped.rows[1] and "not valid JSON" in skipped.rows[2]
+    assert "unpaired surrogate" in skipped.rows[3]
 
 
 def test_a_corrupt_parquet_row_group_or_file_is_a_data_error(tmp_path, tok):
