@@ -67,10 +67,11 @@ class DPOLossParams:
     cpo_alpha: float = 1.0
     discopop_tau: float = 0.05
     average_log_prob: bool = False
+    bco_shift: bool = False
 
     @classmethod
     def make(cls, *, beta=0.1, loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, simpo_gamma=0.5,
-             cpo_alpha=1.0, discopop_tau=0.05, average_log_prob=False) -> DPOLossParams:
+             cpo_alpha=1.0, discopop_tau=0.05, average_log_prob=False, bco_shift=False) -> DPOLossParams:
         """Validate the options (raising ``TypeError``/``ValueError`` naming the argument) and freeze them."""
         beta = _number(beta, "beta")
         if beta <= 0:
@@ -100,9 +101,11 @@ class DPOLossParams:
         discopop_tau = _number(discopop_tau, "discopop_tau")
         if discopop_tau <= 0:
             raise ValueError(f"discopop_tau must be > 0; got {discopop_tau}")
+        if not isinstance(bco_shift, bool):
+            raise TypeError(f"bco_shift must be a bool; got {type(bco_shift).__name__}")
         return cls(beta=beta, loss_type=tuple(types), loss_weights=weights, label_smoothing=label_smoothing,
                    simpo_gamma=_number(simpo_gamma, "simpo_gamma"), cpo_alpha=_number(cpo_alpha, "cpo_alpha"),
-                   discopop_tau=discopop_tau, average_log_prob=bool(average_log_prob))
+                   discopop_tau=discopop_tau, average_log_prob=bool(average_log_prob), bco_shift=bco_shift)
 
     @property
     def needs_reference(self) -> bool:
@@ -110,11 +113,13 @@ class DPOLossParams:
 
 
 class BCORunningMean:
-    """The shift ``delta`` of ``bco_pair``: the running mean of each batch's mean reward (TRL's ``RunningMoments``).
+    """The shift ``delta`` of ``bco_pair`` with ``bco_shift=True``: the running mean of each batch's mean reward
+    (the BCO paper's, and older TRL's ``RunningMoments``; TRL 1.16's ``bco_pair`` has no shift, the default).
 
     Keep one instance for a training run and pass it to every :func:`dpo_loss` call (``bco_state=``); each call
-    first folds its batch mean ``mean(beta * l_c, beta * l_r)`` (no gradient) in, then uses the updated mean.
-    Without a state, ``delta`` is the current batch's mean. Single-process: it does not all-reduce.
+    with ``bco_shift=True`` first folds its batch mean ``mean(beta * l_c, beta * l_r)`` (no gradient) in, then uses
+    the updated mean. With ``bco_shift=True`` and no state, ``delta`` is the current batch's mean. Without
+    ``bco_shift`` the state is neither read nor updated. Single-process: it does not all-reduce.
     """
 
     def __init__(self):
@@ -239,10 +244,13 @@ def _robust(x: Pairs, p: DPOLossParams):
     return (-(1 - e) * F.logsigmoid(b * x.d) + e * F.logsigmoid(-b * x.d)) / (1 - 2 * e)
 
 
-@_loss_type("bco_pair", "`-log s(b l_c - delta) - log s(-(b l_r - delta))`, delta = the running mean (`bco_state`) "
-            "of the batch mean reward `mean(b l_c, b l_r)`", "BCO, Jung et al. 2024 (arXiv:2404.04656)")
+@_loss_type("bco_pair", "`-log s(b l_c - delta) - log s(-(b l_r - delta))` with delta = 0 (TRL 1.16); with "
+            "`bco_shift=True`, delta = the running mean (`bco_state`) of the batch mean reward `mean(b l_c, b l_r)` "
+            "(the paper's shift)", "BCO, Jung et al. 2024 (arXiv:2404.04656)")
 def _bco_pair(x: Pairs, p: DPOLossParams):
     b = p.beta
+    if not p.bco_shift:
+        return -F.logsigmoid(b * x.lc) - F.logsigmoid(-b * x.lr)
     batch_mean = torch.cat([b * x.lc, b * x.lr]).mean().detach()
     delta = batch_mean if x.bco_state is None else x.bco_state.update(batch_mean).to(x.pc.dtype)
     return -F.logsigmoid(b * x.lc - delta) - F.logsigmoid(-(b * x.lr - delta))
@@ -371,7 +379,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
              label_smoothing: float = 0.0, simpo_gamma: float = 0.5, cpo_alpha: float = 1.0,
              discopop_tau: float = 0.05, average_log_prob: bool = False,
              chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None,
-             bco_state: BCORunningMean | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             bco_state: BCORunningMean | None = None,
+             bco_shift: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO-family preference loss from per-sequence log-probabilities, and TRL's metrics.
 
     Replaces TRL's ``DPOTrainer.dpo_loss`` (``DPOConfig.loss_type``, ``loss_weights``, ``label_smoothing``,
@@ -397,7 +406,9 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         discopop_tau: DiscoPOP's ``tau`` (> 0).
         average_log_prob: the given log-probabilities (policy and reference) are per-token averages.
         chosen_lengths, rejected_lengths: ``[B]`` completion tokens per sequence (> 0).
-        bco_state: a :class:`BCORunningMean` carried across steps for bco_pair.
+        bco_state: a :class:`BCORunningMean` carried across steps for bco_pair with ``bco_shift=True``.
+        bco_shift: bco_pair subtracts the running mean reward ``delta`` (the BCO paper, older TRL); False (the
+            default) gives TRL 1.16's ``bco_pair``, with no shift.
 
     Returns:
         ``(loss, metrics)``: the scalar loss (float32, float64 for float64 inputs) and a dict of detached scalars
@@ -414,7 +425,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     """
     params = DPOLossParams.make(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
                                 label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha,
-                                discopop_tau=discopop_tau, average_log_prob=average_log_prob)
+                                discopop_tau=discopop_tau, average_log_prob=average_log_prob,
+                                bco_shift=bco_shift)
     _check_logps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                  chosen_lengths, rejected_lengths, params)
     return dpo_loss_from_params(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,

@@ -96,10 +96,10 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         ignore_index, temperature, softcap, logit_scale: as in :func:`fastalign.linear_logprobs` (also applied to
             the reference).
         impl: the ``linear_logprobs`` implementation (``"auto"``, ``"torch"``, ``"triton"``, ``"cpp"``...).
-        bco_state: the :class:`fastalign.BCORunningMean` of ``bco_pair``.
+        bco_state: the :class:`fastalign.BCORunningMean` of ``bco_pair`` (read with ``bco_shift=True`` only).
         **loss_options: :func:`fastalign.dpo_loss`'s options: ``beta``, ``loss_type``, ``loss_weights``,
             ``label_smoothing``, ``simpo_gamma``, ``cpo_alpha``, ``discopop_tau``, ``average_log_prob`` (divide
-            the sums by the lengths before the loss). The sft/NLL term (RPO) is ``loss_type=["sigmoid", "sft"]``.
+            the sums by the lengths before the loss), ``bco_shift`` (bco_pair's running-mean shift; off: TRL 1.16). The sft/NLL term (RPO) is ``loss_type=["sigmoid", "sft"]``.
 
     Returns:
         ``(loss, metrics)`` as :func:`fastalign.dpo_loss` returns them (TRL's metric names).
@@ -161,7 +161,7 @@ class FusedLinearDPOLoss(nn.Module):
         self.loss_options = dict(loss_options)
         self.op_options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                                logit_scale=logit_scale, impl=impl)
-        self.bco_state = BCORunningMean() if "bco_pair" in self.params.loss_type else None
+        self.bco_state = BCORunningMean() if "bco_pair" in self.params.loss_type and self.params.bco_shift else None
 
     def forward(self, hidden, weight, labels, bias=None, *, ref_chosen_logps=None, ref_rejected_logps=None,
                 ref_hidden=None, ref_weight=None, ref_bias=None, cu_seqlens=None):

@@ -45,9 +45,8 @@ def reference(kind, pc, pr, rc, rr, nc, nr, beta=BETA, e=EPS):
         return -logsig(beta * lc) - 0.5 * logsig(-beta * lc) - 0.5 * logsig(-beta * lr)
     if kind == "robust":
         return ((1 - e) * -logsig(beta * h) - e * -logsig(-beta * h)) / (1 - 2 * e)
-    if kind == "bco_pair":
-        delta = (beta * torch.cat([lc, lr])).mean().detach()
-        return -logsig(beta * lc - delta) - logsig(delta - beta * lr)
+    if kind == "bco_pair":  # TRL 1.16's DPOTrainer: no shift (the paper's running-mean shift is bco_shift=True)
+        return -logsig(beta * lc) - logsig(-beta * lr)
     if kind == "sppo_hard":
         return (lc - 1 / (2 * beta)) ** 2 + (lr + 1 / (2 * beta)) ** 2
     if kind == "aot":
@@ -177,12 +176,35 @@ def test_metrics_named_and_computed_as_trl_does():
         assert_close_to_ref(m[k], v, atol=1e-5 * (1 + abs(float(v))), name=k)
 
 
+def test_bco_pair_default_is_trl_without_shift_and_ignores_a_state():
+    """TRL 1.16's bco_pair: ``-logsigmoid(b l_c) - logsigmoid(-b l_r)``, no running-mean shift, whatever the
+    batch's mean reward; a state passed without ``bco_shift`` is left untouched."""
+    (pc, pr, rc, rr), _, _ = make_inputs(5)
+    pc = pc + 3.0  # a batch mean reward far from 0, where a shift would show
+    state = BCORunningMean()
+    loss, _ = dpo_loss(pc, pr, rc, rr, beta=BETA, loss_type="bco_pair", bco_state=state)
+    lc, lr = pc - rc, pr - rr
+    expected = (-logsig(BETA * lc) - logsig(-BETA * lr)).mean()
+    assert_close_to_ref(loss, expected, atol=1e-12, name="bco_pair")
+    assert state.count == 0 and state.mean is None
+
+
+def test_bco_shift_without_state_uses_the_batch_mean():
+    (pc, pr, rc, rr), _, _ = make_inputs(5)
+    loss, _ = dpo_loss(pc, pr, rc, rr, beta=BETA, loss_type="bco_pair", bco_shift=True)
+    lc, lr = pc - rc, pr - rr
+    delta = (BETA * torch.cat([lc, lr])).mean()
+    assert_close_to_ref(loss, (-logsig(BETA * lc - delta) - logsig(delta - BETA * lr)).mean(), atol=1e-12)
+    with pytest.raises(TypeError, match="bco_shift must be a bool; got str"):
+        dpo_loss(pc, pr, rc, rr, loss_type="bco_pair", bco_shift="yes")
+
+
 def test_bco_running_mean_carries_across_steps():
     state = BCORunningMean()
     batches = [make_inputs(4)[0] for _ in range(3)]
     means = []
     for pc, pr, rc, rr in batches:
-        loss, _ = dpo_loss(pc, pr, rc, rr, beta=BETA, loss_type="bco_pair", bco_state=state)
+        loss, _ = dpo_loss(pc, pr, rc, rr, beta=BETA, loss_type="bco_pair", bco_state=state, bco_shift=True)
         means.append(float((BETA * torch.cat([pc - rc, pr - rr])).mean()))
         delta = sum(means) / len(means)
         lc, lr = pc - rc, pr - rr

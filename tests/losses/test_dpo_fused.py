@@ -139,7 +139,9 @@ def test_average_log_prob_divides_by_completion_lengths():
 
 def test_module_matches_functional_and_keeps_bco_state():
     (h, w, b), labels, cu, ref = make_batch("padded", torch.float32)
-    module = FusedLinearDPOLoss(beta=0.2, loss_type=["bco_pair", "sigmoid"], loss_weights=[1.0, 0.3])
+    assert FusedLinearDPOLoss(beta=0.2, loss_type="bco_pair").bco_state is None  # TRL's bco_pair: no shift
+    module = FusedLinearDPOLoss(beta=0.2, loss_type=["bco_pair", "sigmoid"], loss_weights=[1.0, 0.3],
+                                bco_shift=True)
     assert "bco_pair" in repr(module)
     for step in range(2):
         got, _ = module(h, w, labels, b, ref_hidden=ref[0], ref_weight=ref[1], ref_bias=ref[2])
@@ -151,9 +153,11 @@ def test_module_matches_functional_and_keeps_bco_state():
     state = BCORunningMean()
     for _ in range(2):
         expected, _ = dpo_loss(sums[:B], sums[B:], ref_sums[:B], ref_sums[B:], beta=0.2,
-                               loss_type=["bco_pair", "sigmoid"], loss_weights=[1.0, 0.3], bco_state=state)
+                               loss_type=["bco_pair", "sigmoid"], loss_weights=[1.0, 0.3], bco_state=state,
+                               bco_shift=True)
     assert_close_to_ref(got, expected, atol=1e-5)
-    resumed = FusedLinearDPOLoss(beta=0.2, loss_type=["bco_pair", "sigmoid"], loss_weights=[1.0, 0.3])
+    resumed = FusedLinearDPOLoss(beta=0.2, loss_type=["bco_pair", "sigmoid"], loss_weights=[1.0, 0.3],
+                                 bco_shift=True)
     resumed.load_state_dict(module.state_dict())
     assert resumed.bco_state.count == 2
     assert float(resumed.bco_state.mean) == float(module.bco_state.mean)
