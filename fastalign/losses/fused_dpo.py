@@ -99,7 +99,8 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         bco_state: the :class:`fastalign.BCORunningMean` of ``bco_pair`` (read with ``bco_shift=True`` only).
         **loss_options: :func:`fastalign.dpo_loss`'s options: ``beta``, ``loss_type``, ``loss_weights``,
             ``label_smoothing``, ``simpo_gamma``, ``cpo_alpha``, ``discopop_tau``, ``average_log_prob`` (divide
-            the sums by the lengths before the loss), ``bco_shift`` (bco_pair's running-mean shift; off: TRL 1.16). The sft/NLL term (RPO) is ``loss_type=["sigmoid", "sft"]``.
+            the sums by the lengths before the loss), ``bco_shift`` (bco_pair's running-mean shift; off: TRL 1.16).
+            The sft/NLL term (RPO) is ``loss_type=["sigmoid", "sft"]``.
 
     Returns:
         ``(loss, metrics)`` as :func:`fastalign.dpo_loss` returns them (TRL's metric names).
