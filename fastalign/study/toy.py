@@ -457,7 +457,8 @@ def parser() -> argparse.ArgumentParser:
                     "and (reward model, pi_PPO) from one pi_ref over several seeds and writes <out>/<name>.png "
                     "(the five panels of the first seed, and Table 1) and <out>/<name>.json (every table, the "
                     "measures over seeds, the Table 1 counter-example solved exactly). The defaults take about 20 s "
-                    "of CPU time (one thread), under a minute of wall time on 2 busy CPU cores.",
+                    "of CPU time on one thread (their wall time on an idle core; 55 to 92 s were measured on a 2-core "
+                    "machine at a load average of 15 to 17).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = {
         "size": "prompts = responses (the study: 8)",
