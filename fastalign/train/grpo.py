@@ -46,12 +46,11 @@ from fastalign.train.rollout import (
     pass_layout,
     prompt_seeds,
     rank_mean,
-    rollout_data,
+    rollout_start,
     sample,
     score_on_layout,
     update_summary,
 )
-from fastalign.train.sft import warm_start
 
 # How each loss_type reduces the per-token losses of a minibatch (with micro_weights over all its micro-batches and
 # ranks; bnpo instead averages each micro-batch's own token mean, and dr_grpo divides by max_new_tokens too).
@@ -167,10 +166,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         >>> summary["exact_match after"]
     """
     run = Run(cfg, "grpo")
-    start_model = warm_start(cfg, run)
-    tok, prompts, eval_prompts = rollout_data(cfg, start_model)
-    batcher = run.batcher(tok)
-    resume_path, state = run.resume_point()
+    start_model, tok, prompts, eval_prompts, batcher, resume_path, state = rollout_start(cfg, run)
     lm = load_policy(start_model, cfg, resume_path, run.attn)
     run.check(lm)
     policy = run.wrap(TokenLogps(lm, return_entropy=True))

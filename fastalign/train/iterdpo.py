@@ -35,8 +35,7 @@ from fastalign.train.config import ConfigError, IterDPOConfig
 from fastalign.train.data import BatchStream
 from fastalign.train.dpo import dpo_batch_loss, score_pairs
 from fastalign.train.model import load_model, load_policy
-from fastalign.train.rollout import Prompt, Rewarder, Rollouts, gather_prompts, prompt_seeds, rollout_data, sample
-from fastalign.train.sft import warm_start
+from fastalign.train.rollout import Prompt, Rewarder, Rollouts, gather_prompts, prompt_seeds, rollout_start, sample
 
 
 def preference_pairs(scores: torch.Tensor, group_size: int, pairs: str = "best_worst",
@@ -143,10 +142,7 @@ def train_iterdpo(cfg: IterDPOConfig) -> dict:
     if run.fsdp:
         raise ConfigError("iterdpo: distributed must be ddp (each rank samples and scores its own share of the "
                           "prompts, a number of forwards FSDP2's collectives cannot follow); got fsdp")
-    start_model = warm_start(cfg, run)
-    tok, prompts, eval_prompts = rollout_data(cfg, start_model)
-    batcher = run.batcher(tok)
-    resume_path, state = run.resume_point()
+    start_model, tok, prompts, eval_prompts, batcher, resume_path, state = rollout_start(cfg, run)
     lm = load_policy(start_model, cfg, resume_path, run.attn)
     run.check(lm)
     seq = SequenceLogps(lm)

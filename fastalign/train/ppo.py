@@ -44,12 +44,11 @@ from fastalign.train.rollout import (
     pass_layout,
     prompt_seeds,
     rank_mean,
-    rollout_data,
+    rollout_start,
     sample,
     score_on_layout,
     update_summary,
 )
-from fastalign.train.sft import warm_start
 
 
 def shape_scores(scores: torch.Tensor, ended: list[bool], cfg: PPOConfig, process_group=None) -> torch.Tensor:
@@ -175,10 +174,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
         >>> summary["exact_match after"]
     """
     run = Run(cfg, "ppo")
-    start_model = warm_start(cfg, run)
-    tok, prompts, eval_prompts = rollout_data(cfg, start_model)
-    batcher = run.batcher(tok)
-    resume_path, state = run.resume_point()
+    start_model, tok, prompts, eval_prompts, batcher, resume_path, state = rollout_start(cfg, run)
     models = PPOModels(cfg, run, start_model, tok, resume_path, batcher)
     group = dist.group.WORLD if run.world > 1 else None
     steps_per_update = cfg.ppo_epochs * cfg.num_mini_batches

@@ -18,6 +18,7 @@ from fastalign.hf import RewardModel, ValueHead
 from fastalign.train.data import DataError, Encoder, _field, iter_rows, load_prompts, resolve_data, to_device
 from fastalign.train.model import generate, load_model, load_tokenizer
 from fastalign.train.rewards import call_reward_fn, load_reward_fn
+from fastalign.train.sft import warm_start
 
 
 @dataclass
@@ -167,6 +168,16 @@ def rollout_data(cfg, start_model: str):
     prompts = load_prompt_rows(resolve_data(cfg.data, "sft"), enc, cfg.max_length - cfg.max_new_tokens)
     gen_path = cfg.gen_eval_data or (resolve_data("embedded", "sft", eval_set=True) if cfg.data == "embedded" else "")
     return tok, prompts, load_prompts(gen_path, enc) if gen_path else []
+
+
+def rollout_start(cfg, run):
+    """What an online run (ppo, grpo, iterdpo) starts from: ``(start_model, tokenizer, prompts, eval_prompts,
+    batcher, resume_path, state)``: the model after the warm start (``fastalign.train.sft.warm_start``), the data of
+    :func:`rollout_data`, and the checkpoint to resume from (``(None, None)`` for a fresh run)."""
+    start_model = warm_start(cfg, run)
+    tok, prompts, eval_prompts = rollout_data(cfg, start_model)
+    resume_path, state = run.resume_point()
+    return start_model, tok, prompts, eval_prompts, run.batcher(tok), resume_path, state
 
 
 def prompt_seeds(seed: int, consumed: int, run, n: int, per_prompt: int = 1) -> list[int]:
