@@ -2,29 +2,30 @@
 policy and on-the-fly reference (the reference's LM head evaluated without grad), stacked [chosen; rejected].
 
 Providers (whichever are installed):
-- ``naive``: TRL-style, ``hidden @ W.T`` logits materialized, ``log_softmax`` in float32, gather, masked sums;
+- ``5 matmuls``: the floor, the matmuls no fused loss can avoid (see :func:`floor_step`);
+- ``naive``: ``hidden @ W.T`` logits materialized, ``log_softmax`` in float32, gather, masked sums;
+- ``trl-style``: the same logits through TRL's own ``selective_log_softmax`` (TRL's ``DPOTrainer`` path);
 - ``liger``: Liger-Kernel's ``LigerFusedLinearDPOLoss`` (chunked over pairs, a ``[T, V]`` logits block per pair);
 - ``fastalign``: :func:`fastalign.fused_linear_dpo_loss` (``linear_logprobs`` with ``impl="auto"``; the row says
   which impl ran).
 
-Figures: median time of forward + backward, and peak memory beyond the inputs: ``torch.cuda.max_memory_allocated``
-on a GPU, the peak RSS growth of a fresh subprocess per provider and shape on the CPU. Not assertions.
-
-    python -m bench.bench_dpo                       # CPU: 2 pairs, T=256, D=256, V=32000 fp32, and a T sweep
-    python -m bench.bench_dpo --device cuda         # GPU: 8 pairs, T=1024, D=4096, V=128256 bf16, and a T sweep
+Figures (measured by the harness, bench/_harness.py): median time of forward + backward and peak memory beyond the
+inputs. CPU: 2 pairs, T=256, D=256, V=32000 fp32, and a T sweep; GPU: 8 pairs, T=1024, D=4096, V=128256 bf16,
+and a T sweep; ``--quick``: the first shape only.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
+import sys
 
 import torch
 import torch.nn.functional as F
 
 from bench import _harness
 
+TITLE = "FusedLinearDPOLoss: the DPO loss from hidden states, policy and reference"
+COLUMNS = ["case", "provider", "ms", "spread", "vs_naive", "peak_mib", "mem_vs_naive", "vs_floor", "error"]
+PLOT = {"x": "T", "y": "peak_mib", "series": "provider"}
 BETA = 0.1
 GPU_SHAPE = dict(pairs=8, T=1024, D=4096, V=128256, dtype="bfloat16")
 CPU_SHAPE = dict(pairs=2, T=256, D=256, V=32000, dtype="float32")
@@ -45,13 +46,13 @@ def make_inputs(pairs, T, D, V, dtype, device, seed=0):
     return dict(hidden=hidden, weight=weight, ref_hidden=ref_hidden, ref_weight=ref_weight, labels=labels)
 
 
-def naive_step(x):
-    """The TRL-style code: materialized logits for the policy and the reference, then the sigmoid DPO loss."""
+def _materialized_dpo(x, token_logps):
+    """Materialized logits for the policy and the reference, per-token logps by ``token_logps(logits, labels)``,
+    masked sums, then the sigmoid DPO loss and its backward."""
 
     def sequence_logps(hidden, weight, labels):
-        logp = (hidden @ weight.T).float().log_softmax(-1)
         mask = labels != -100
-        return (logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask).sum(-1)
+        return (token_logps((hidden @ weight.T).float(), labels.clamp(min=0)) * mask).sum(-1)
 
     logps = sequence_logps(x["hidden"], x["weight"], x["labels"])
     with torch.no_grad():
@@ -60,6 +61,11 @@ def naive_step(x):
     loss = -F.logsigmoid(BETA * ((logps[:B] - ref[:B]) - (logps[B:] - ref[B:]))).mean()
     loss.backward()
     return loss
+
+
+def naive_step(x):
+    """The plain code: ``log_softmax`` then ``gather``."""
+    return _materialized_dpo(x, lambda logits, y: logits.log_softmax(-1).gather(-1, y[..., None])[..., 0])
 
 
 def fastalign_step(x):
@@ -88,15 +94,32 @@ def liger_step(x):
 STEPS = {"naive": naive_step, "liger": liger_step, "fastalign": fastalign_step}
 
 
-def providers() -> list[str]:
-    names = ["naive", "fastalign"]
-    try:
-        import liger_kernel.chunked_loss  # noqa: F401
+def trl_style_step(x):
+    """TRL's path: the same materialized logits, per-token logps by TRL's own ``selective_log_softmax``."""
+    from trl.trainer.utils import selective_log_softmax
 
-        names.insert(1, "liger")
-    except Exception:
-        pass
-    return names
+    return _materialized_dpo(x, selective_log_softmax)
+
+
+def floor_step(x, G):
+    """The matmuls the fused loss cannot avoid: the policy's logits, their recomputation in the backward, the
+    reference's logits, and the two gradient products (5 x 2 x tokens x D x V FLOPs)."""
+    h, w = x["hidden"].flatten(0, 1), x["weight"]
+    with torch.no_grad():
+        h @ w.T, h @ w.T, x["ref_hidden"].flatten(0, 1) @ x["ref_weight"].T, G @ w, G.T @ h
+
+
+STEPS = {"naive": naive_step, "trl-style": trl_style_step, "liger": liger_step, "fastalign": fastalign_step}
+
+
+def providers() -> tuple[list[str], dict[str, str]]:
+    names, missing = ["5 matmuls", "naive", "fastalign"], {}
+    for name, module in (("trl-style", "trl"), ("liger", "liger_kernel")):
+        if _harness._version(module) is None:
+            missing[name] = f"not installed ({module})"
+        else:
+            names.append(name)
+    return names, missing
 
 
 def _zero_grads(x):
@@ -105,110 +128,63 @@ def _zero_grads(x):
             t.grad = None
 
 
-def measure_here(provider, shape, device, reps):
-    """Time and (on CUDA) peak memory of one provider in this process."""
+def make(case: dict, provider: str, mode: str, device: str):
+    """One forward + backward of ``provider``'s DPO loss on fresh inputs (the harness's contract)."""
+    shape = {k: case[k] for k in ("pairs", "T", "D", "V", "dtype")}
     x = make_inputs(**shape, device=device)
+    if provider == "5 matmuls":
+        G = torch.randn(2 * case["pairs"] * case["T"], case["V"]).to(device, getattr(torch, case["dtype"]))
+        return lambda: floor_step(x, G)
     step = STEPS[provider]
-    row = {}
-    if torch.device(device).type == "cuda":
-        _zero_grads(x)
-        step(x)  # warm-up (compilation, autotuning) outside the peak measurement
-        _zero_grads(x)
-        row["peak_mib"] = _harness.cuda_peak_mib(lambda: step(x), device)
-    row["ms"] = _harness.median_time_ms(lambda: (_zero_grads(x), step(x)), device=device, warmup=1, reps=reps)
-    return row
+    return lambda: (_zero_grads(x), step(x))
 
 
-def measure_subprocess(provider, shape, reps):
-    """CPU: peak RSS growth of a fresh process over one forward + backward (after the inputs are built and the
-    provider's lazy initialization is done on a tiny shape), then the median time there."""
-    warm = "import liger_kernel.chunked_loss\n" if provider == "liger" else "import fastalign\n"
-    code = (f"import torch\nfrom bench import bench_dpo as b, _harness as h\n{warm}"
-            f"b.STEPS[{provider!r}](b.make_inputs(1, 4, 8, 16, {shape['dtype']!r}, 'cpu'))  # lazy init\n"
-            f"x = b.make_inputs(**{shape!r}, device='cpu')\n"
-            f"base = h.current_rss_mib()\n"
-            f"b.STEPS[{provider!r}](x)\n"
-            f"ms = h.median_time_ms(lambda: (b._zero_grads(x), b.STEPS[{provider!r}](x)), warmup=0, reps={reps})\n"
-            f"print(json.dumps({{'base_rss_mib': base, 'ms': ms}}))\n")
-    out = _harness.subprocess_peak_rss_mib(code)
-    return {"ms": out["ms"], "peak_mib": out["peak_rss_mib"] - out["base_rss_mib"]}
-
-
-def run(device, shapes, reps):
-    from fastalign import resolve_impl
-
-    impl = resolve_impl("auto", device, op="linear_logprobs",
-                        impls=__import__("fastalign.ops.logprobs.api", fromlist=["IMPLS"]).IMPLS)
-    rows = []
-    for shape in shapes:
-        tokens = 2 * shape["pairs"] * shape["T"]
-        logits_mib = tokens * shape["V"] * 4 / 2**20
-        for provider in providers():
-            row = dict(provider=provider + (f" ({impl})" if provider == "fastalign" else ""), **shape,
-                       logits_fp32_mib=round(logits_mib, 1))
-            try:
-                if torch.device(device).type == "cuda":
-                    row.update(measure_here(provider, shape, device, reps))
-                    torch.cuda.empty_cache()
-                else:
-                    row.update(measure_subprocess(provider, shape, reps))
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                row["error"] = "OOM" if "out of memory" in str(e).lower() else type(e).__name__
-                if torch.device(device).type == "cuda":
-                    torch.cuda.empty_cache()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    for shape_rows in _by_shape(rows):
-        base = next((r for r in shape_rows if r["provider"] == "naive" and "ms" in r), None)
-        for r in shape_rows:
-            if base is not None and "ms" in r:
-                r["time_vs_naive"] = round(r["ms"] / base["ms"], 3)
-                if r.get("peak_mib") is not None and base.get("peak_mib"):
-                    r["mem_vs_naive"] = round(r["peak_mib"] / base["peak_mib"], 3)
-    return rows, impl
-
-
-def _by_shape(rows):
-    keys = dict.fromkeys((r["pairs"], r["T"], r["D"], r["V"], r["dtype"]) for r in rows)
-    return [[r for r in rows if (r["pairs"], r["T"], r["D"], r["V"], r["dtype"]) == k] for k in keys]
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--pairs", type=int)
-    p.add_argument("--T", type=int)
-    p.add_argument("--D", type=int)
-    p.add_argument("--V", type=int)
-    p.add_argument("--dtype")
-    p.add_argument("--sweep-T", type=int, nargs="*", help="sequence lengths of the sweep (none: skip it)")
-    p.add_argument("--reps", type=int, default=5)
-    args = p.parse_args(argv)
-    cuda = torch.device(args.device).type == "cuda"
+def cases(device: str, quick: bool) -> list[dict]:
+    if _harness.DRY_RUN:
+        return [dict(case="1 pairs T=16 D=16 V=64 float32", pairs=1, T=16, D=16, V=64, dtype="float32")]
+    cuda = torch.device(device).type == "cuda"
     shape = dict(GPU_SHAPE if cuda else CPU_SHAPE)
-    for k in ("pairs", "T", "D", "V", "dtype"):
-        if getattr(args, k) is not None:
-            shape[k] = getattr(args, k)
-    sweep = (GPU_SWEEP_T if cuda else CPU_SWEEP_T) if args.sweep_T is None else args.sweep_T
+    sweep = () if quick else (GPU_SWEEP_T if cuda else CPU_SWEEP_T)
     shapes = [shape] + [dict(shape, T=t) for t in sweep if t != shape["T"]]
-    rows, impl = run(args.device, shapes, args.reps)
-    env = _harness.environment(args.device)
-    how = ("CUDA events, torch.cuda.max_memory_allocated beyond the inputs" if cuda else
-           "wall clock; peak RSS growth of a fresh subprocess over the first forward+backward")
-    notes = (f"DPO sigmoid loss, forward + backward, policy + on-the-fly reference. fastalign's linear_logprobs "
-             f"impl: {impl}. Time: median ms ({how}). logits_fp32_mib: the size of one fp32 [2B*T, V] logits "
-             f"tensor, for scale.")
-    columns = ["provider", "pairs", "T", "D", "V", "dtype", "ms", "time_vs_naive", "peak_mib", "mem_vs_naive",
-               "logits_fp32_mib", "error"]
-    json_path, md_path = _harness.write_results("dpo", rows, env, columns, notes=notes)
-    sweep_rows = [r for r in rows if r.get("peak_mib") is not None]
-    if len({r["T"] for r in sweep_rows}) > 1:
-        png = os.path.splitext(json_path)[0] + "_peak_mem.png"
-        _harness.plot_lines(png, sweep_rows, x="T", y="peak_mib", series="provider",
-                            title=f"DPO fwd+bwd peak memory, {shape['pairs']} pairs, D={shape['D']}, "
-                                  f"V={shape['V']}, {shape['dtype']}")
-    print(open(md_path).read())
+    return [dict(case=f"{s['pairs']} pairs T={s['T']} D={s['D']} V={s['V']} {s['dtype']}", **s) for s in shapes]
+
+
+def run(device: str, quick: bool, out) -> list[dict]:
+    names, missing = providers()
+    rows = []
+    for case in cases(device, quick):
+        rows += _harness.compare(__name__, case, names, ["fwd+bwd"], device, rounds=2 if quick else 3,
+                                 reps=2 if quick else 3, max_seconds=6 if quick else 30)
+        rows += [dict(case, provider=n, mode="fwd+bwd", error=why) for n, why in missing.items()]
+        _harness.partial(out, "dpo", rows)
+    _harness.add_ratios(rows, floor={"fwd+bwd": "5 matmuls"}, baseline="naive")
+    for r in rows:
+        base = next((b for b in rows if b["case"] == r["case"] and b["provider"] == "naive"), {})
+        if r.get("peak_mib") is not None and base.get("peak_mib") and r["provider"] != "5 matmuls":
+            r["mem_vs_naive"] = r["peak_mib"] / base["peak_mib"]
+        r["logits_fp32_mib"] = 2 * r["pairs"] * r["T"] * r["V"] * 4 / 2**20
+    return rows
+
+
+def notes(rows: list[dict]) -> str:
+    from fastalign import resolve_impl
+    from fastalign.ops.logprobs.api import IMPLS
+
+    device = "cuda" if any("bfloat16" in r["case"] for r in rows) else "cpu"
+    lines = [f"DPO sigmoid loss, forward + backward, policy + on-the-fly reference (no grad), stacked [chosen; "
+             f"rejected], a quarter of each sequence prompt; fastalign's linear_logprobs impl here: "
+             f"{resolve_impl('auto', torch.device(device), op='linear_logprobs', impls=IMPLS)}. vs_floor: time "
+             "over 5 matmuls of the [2 pairs T, D] x [D, V] shape in the same run. logits_fp32_mib: one float32 "
+             "logits tensor, for scale. GPU targets: fastalign's peak memory <= 0.25x and time <= 0.6x Liger's."]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        got = {r["provider"]: r for r in rows if r["case"] == case and r.get("ms")}
+        if "fastalign" in got and "liger" in got:
+            f, li = got["fastalign"], got["liger"]
+            mem = (f" and {f['peak_mib'] / li['peak_mib']:.2f}x its peak memory" if f.get("peak_mib") is not None
+                   and li.get("peak_mib") else "")
+            lines.append(f"{case}: fastalign takes {f['ms'] / li['ms']:.2f}x Liger's time{mem}.")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(_harness.main(["dpo", *sys.argv[1:]]))

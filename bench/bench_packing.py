@@ -11,22 +11,22 @@ from ``[--min-len, --max-len]`` (a completion on the second half of each), throu
 - ``flash 1 row`` (CUDA with flash-attn installed only): ``attn_implementation=flash_attention_2``, one row.
 
 Columns: ``tokens`` computed (rows x width) against the ``real`` tokens, median ``ms`` and the time relative to
-``padded``. Figures, not assertions.
-
-    python -m bench.bench_packing                  # CPU defaults
-    python -m bench.bench_packing --device cuda --batch 64 --max-len 2048 --D 1024 --layers 8 --V 32000
+``padded``. Measured by the harness (bench/_harness.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
+import sys
 
 import torch
 
 from bench import _harness
 from fastalign.hf import SequenceLogps
 from fastalign.train.data import Batcher, to_device
+
+TITLE = "Packed (padding-free) batches against padded ones: SequenceLogps forward + backward"
+COLUMNS = ["case", "provider", "real", "tokens", "ms", "spread", "vs_padded", "error"]
 
 
 def make_model(D: int, layers: int, V: int, attn: str, device, dtype):
@@ -51,65 +51,74 @@ def make_examples(batch: int, min_len: int, max_len: int, V: int, seed: int = 0)
     return out
 
 
-def run(args) -> list[dict]:
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    examples = make_examples(args.batch, args.min_len, args.max_len, args.V)
-    real = sum(len(e[0]) for e in examples)
-    providers = [("padded", "sdpa", Batcher(0)), ("packed rows", "sdpa", Batcher(0, True, args.max_len)),
-                 ("packed 1 row", "sdpa", Batcher(0, True, None))]
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        providers.append(("flash 1 row", "flash_attention_2", Batcher(0, True, None)))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype == torch.float32
-                else torch.autocast("cpu", enabled=False))
+LAYOUTS = {"padded": ("sdpa", False, "max"), "packed rows": ("sdpa", True, "max"),
+           "packed 1 row": ("sdpa", True, None), "flash 1 row": ("flash_attention_2", True, None)}
+
+
+def _batch(case: dict, provider: str):
+    """(attention implementation, the batch) of ``provider``'s layout."""
+    attn, packing, width = LAYOUTS[provider]
+    examples = make_examples(case["batch"], case["min_len"], case["max_len"], case["V"])
+    batcher = Batcher(0, True, case["max_len"] if width else None) if packing else Batcher(0)
+    return attn, batcher.sft(examples)
+
+
+def make(case: dict, provider: str, mode: str, device: str):
+    """One forward + backward of SequenceLogps on ``provider``'s layout (the harness's contract)."""
+    dtype = getattr(torch, case["dtype"])
+    attn, batch = _batch(case, provider)
+    model = SequenceLogps(make_model(case["D"], case["layers"], case["V"], attn, device, dtype))
+    batch = to_device(batch, device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
+                and dtype == torch.float32 else torch.autocast("cpu", enabled=False))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            logps, _ = model(**batch)
+        logps.sum().backward()
+
+    return step
+
+
+def cases(device: str, quick: bool) -> list[dict]:
+    if _harness.DRY_RUN:
+        return [dict(case="4 seqs of 4-16 tokens, D=32 1 layer V=64 fp32", batch=4, min_len=4, max_len=16, D=32,
+                     layers=1, V=64, dtype="float32")]
+    if torch.device(device).type == "cuda":
+        return [dict(case="64 seqs of 64-2048 tokens, D=1024 8 layers V=32000 bf16", batch=64, min_len=64,
+                     max_len=2048, D=1024, layers=8, V=32000, dtype="bfloat16")]
+    return [dict(case="16 seqs of 16-256 tokens, D=128 2 layers V=4096 fp32", batch=16, min_len=16, max_len=256,
+                 D=128, layers=2, V=4096, dtype="float32")]
+
+
+def run(device: str, quick: bool, out) -> list[dict]:
+    names = ["padded", "packed rows", "packed 1 row"]
+    missing = {}
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        names.append("flash 1 row")
+    else:
+        missing["flash 1 row"] = "needs flash-attn on a CUDA device"
     rows = []
-    for name, attn, batcher in providers:
-        row = {"provider": name, "attn": attn, "batch": args.batch, "len": f"{args.min_len}-{args.max_len}",
-               "D": args.D, "layers": args.layers, "V": args.V, "dtype": args.dtype, "real": real}
-        try:
-            model = SequenceLogps(make_model(args.D, args.layers, args.V, attn, device, dtype))
-            batch = to_device(batcher.sft(examples), device)
-            row["tokens"] = batch["input_ids"].numel()
-
-            def step(model=model, batch=batch):
-                model.zero_grad(set_to_none=True)
-                with autocast:
-                    logps, _ = model(**batch)
-                logps.sum().backward()
-
-            row["ms"] = _harness.median_time_ms(step, device=device, warmup=1, reps=args.reps)
-        except Exception as e:  # noqa: BLE001 - a provider that cannot run is reported in the table
-            row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
-        rows.append(row)
-    base = next((r["ms"] for r in rows if r["provider"] == "padded" and "ms" in r), None)
-    for r in rows:
-        if base and "ms" in r:
-            r["time_vs_padded"] = r["ms"] / base
-    return rows
+    for case in cases(device, quick):
+        examples = make_examples(case["batch"], case["min_len"], case["max_len"], case["V"])
+        case = dict(case, real=sum(len(e[0]) for e in examples))
+        found = _harness.compare(__name__, case, names, ["fwd+bwd"], device, rounds=2 if quick else 3, reps=3,
+                                 max_seconds=4 if quick else 15)
+        for r in found:
+            r["tokens"] = _batch(case, r["provider"])[1]["input_ids"].numel()
+        rows += found + [dict(case, provider=n, mode="fwd+bwd", error=why) for n, why in missing.items()]
+    return _harness.add_ratios(rows, baseline="padded")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--min-len", type=int, default=16)
-    p.add_argument("--max-len", type=int, default=256)
-    p.add_argument("--D", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--V", type=int, default=4096)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--reps", type=int, default=5)
-    args = p.parse_args(argv)
-    rows = run(args)
-    env = _harness.environment(args.device)
-    notes = ("SequenceLogps forward + backward (decoder + linear_logprobs + segment sums), random-init Llama, "
-             "sequence lengths uniform in the given range, loss on the second half of each. tokens: rows x width "
-             "computed; real: the sequences' tokens. Time: median ms (CUDA events on GPU, wall clock on CPU).")
-    columns = ["provider", "attn", "batch", "len", "D", "layers", "V", "dtype", "real", "tokens", "ms",
-               "time_vs_padded", "error"]
-    _, md_path = _harness.write_results("packing", rows, env, columns, notes=notes)
-    print(open(md_path).read())
+def notes(rows: list[dict]) -> str:
+    return ("SequenceLogps forward + backward (decoder + linear_logprobs + segment sums), random-init Llama, "
+            "sequence lengths uniform in the range, loss on the second half of each. padded: right-padded "
+            "[B, longest] (packing=false); packed rows: rows of at most max_len tokens (packing=true with "
+            "sdpa/eager); packed 1 row: one row (packing=true with flash_attention_2; under sdpa its dense "
+            "block-diagonal mask grows with the square of the batch). tokens: rows x width computed; real: the "
+            "sequences' tokens.")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(_harness.main(["packing", *sys.argv[1:]]))

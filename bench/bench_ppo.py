@@ -4,15 +4,13 @@
 does). ``fastalign``: ``fused_linear_ppo_loss`` (``linear_logprobs`` underneath, no logits). Both forward +
 backward on ``N`` packed tokens, at several fractions of tokens whose ratio is clipped where the clip binds: their
 gradient is exactly zero, and the ``cpp`` impl leaves those rows out of its backward, so its time falls with the
-clip fraction. Time is the median (CUDA events on GPU, wall clock on CPU). Figures, not assertions.
-
-    python -m bench.bench_ppo                 # CPU defaults
-    python -m bench.bench_ppo --device cuda --N 8192 --D 4096 --V 128256 --dtype bfloat16
+clip fraction. Measured by the harness (bench/_harness.py): CPU N=2048, D=256, V=32000 fp32 (``--quick``:
+N=1024, V=16384); GPU N=8192, D=4096, V=128256 bf16.
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 
 import torch
 
@@ -20,6 +18,9 @@ from bench import _harness
 from fastalign.losses.ppo import fused_linear_ppo_loss, ppo_policy_loss
 from fastalign.ops.logprobs import linear_logprobs
 from fastalign.ops.logprobs.naive import linear_logprobs as naive_logprobs
+
+TITLE = "The fused PPO policy loss from hidden states against the naive one"
+COLUMNS = ["case", "provider", "ms", "spread", "vs_naive", "vs_no_clip", "peak_mib", "error"]
 
 
 def make_inputs(N: int, D: int, V: int, dtype, device, clip_fraction: float, seed: int = 0):
@@ -58,53 +59,50 @@ def make_step(provider: str, leaves, y, old, adv, cu):
     return step
 
 
-def run(args) -> list[dict]:
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    cu = torch.tensor([0, args.N], dtype=torch.int32, device=device)
+def make(case: dict, provider: str, mode: str, device: str):
+    """One forward + backward of ``provider``'s loss on fresh inputs (the harness's contract)."""
+    dtype = getattr(torch, case["dtype"])
+    h, w, y, adv, old = make_inputs(case["N"], case["D"], case["V"], dtype, device, case["clip_fraction"])
+    cu = torch.tensor([0, case["N"]], dtype=torch.int32, device=device)
+    return make_step(provider, [h.requires_grad_(), w.requires_grad_()], y, old, adv, cu)
+
+
+def cases(device: str, quick: bool) -> list[dict]:
+    if _harness.DRY_RUN:
+        return [dict(case="N=32 D=16 V=64 float32 clip=0.3", N=32, D=16, V=64, dtype="float32", clip_fraction=0.3)]
+    cuda = torch.device(device).type == "cuda"
+    N, D, V, dtype = (8192, 4096, 128256, "bfloat16") if cuda else (2048, 256, 32000, "float32")
+    if quick and not cuda:
+        N, V = 1024, 16384
+    return [dict(case=f"N={N} D={D} V={V} {dtype} clip={f}", N=N, D=D, V=V, dtype=dtype, clip_fraction=f)
+            for f in (0.0, 0.3, 0.6)]
+
+
+def run(device: str, quick: bool, out) -> list[dict]:
     rows = []
-    for frac in args.clip_fractions:
-        h, w, y, adv, old = make_inputs(args.N, args.D, args.V, dtype, device, frac)
-        for provider in ("naive", "fastalign"):
-            step = make_step(provider, [h.clone().requires_grad_(), w.clone().requires_grad_()], y, old, adv, cu)
-            row = {"provider": provider, "N": args.N, "D": args.D, "V": args.V, "dtype": args.dtype}
-            try:
-                row["clipfrac"] = float(step()["policy/clipfrac_avg"])
-                row["ms"] = _harness.median_time_ms(step, device=device, warmup=1, reps=args.reps)
-            except Exception as e:  # noqa: BLE001 - a provider that cannot run (out of memory) is reported
-                row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
-            rows.append(row)
-    base = next((x["ms"] for x in rows if x["provider"] == "fastalign" and "ms" in x and x["clipfrac"] == 0.0), None)
+    for case in cases(device, quick):
+        rows += _harness.compare(__name__, case, ["naive", "fastalign"], ["fwd+bwd"], device,
+                                 rounds=2 if quick else 3, reps=2 if quick else 3, max_seconds=4 if quick else 20)
+        _harness.partial(out, "ppo", rows)
+    _harness.add_ratios(rows, baseline="naive")
+    base = next((r["ms"] for r in rows if r["provider"] == "fastalign" and r.get("ms") and r["clip_fraction"] == 0),
+                None)
     for r in rows:
-        if base and "ms" in r and r["provider"] == "fastalign":
-            r["time_vs_no_clip"] = r["ms"] / base
-        naive = next((x.get("ms") for x in rows if x["provider"] == "naive" and x.get("clipfrac") == r.get("clipfrac")),
-                     None)
-        if naive and "ms" in r:
-            r["time_vs_naive"] = r["ms"] / naive
+        if base and r.get("ms") and r["provider"] == "fastalign":
+            r["vs_no_clip"] = r["ms"] / base
     return rows
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--N", type=int, default=2048)
-    p.add_argument("--D", type=int, default=256)
-    p.add_argument("--V", type=int, default=32000)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--clip-fractions", type=float, nargs="+", default=[0.0, 0.3, 0.6])
-    p.add_argument("--reps", type=int, default=5)
-    args = p.parse_args(argv)
-    rows = run(args)
+def notes(rows: list[dict]) -> str:
     from fastalign import resolve_impl
     from fastalign.ops.logprobs.api import IMPLS
 
-    impl = resolve_impl("auto", torch.device(args.device), op="linear_logprobs", impls=IMPLS)
-    notes = (f"PPO clipped policy loss (token-mean), forward + backward, N packed tokens. fastalign's "
-             f"linear_logprobs impl: {impl}. clipfrac: the measured fraction of clipped tokens. Time: median ms.")
-    columns = ["provider", "N", "D", "V", "dtype", "clipfrac", "ms", "time_vs_no_clip", "time_vs_naive", "error"]
-    _, md_path = _harness.write_results("ppo", rows, _harness.environment(args.device), columns, notes=notes)
-    print(open(md_path).read())
+    device = torch.device("cuda" if any(r.get("dtype") == "bfloat16" for r in rows) else "cpu")
+    return ("PPO clipped policy loss (token-mean), forward + backward on N packed tokens; clip: the fraction of "
+            "tokens whose ratio is clipped where the clip binds (zero gradient). fastalign's linear_logprobs impl "
+            f"here: {resolve_impl('auto', device, op='linear_logprobs', impls=IMPLS)}. vs_no_clip: fastalign's "
+            "time over its own with nothing clipped.")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(_harness.main(["ppo", *sys.argv[1:]]))
