@@ -117,13 +117,16 @@ inline void merge_stats(T* m, T* l, T* t, T m2, T l2, T t2) {
   }
   const T M = std::max(*m, m2);
   const T a = std::exp(*m - M), b = std::exp(m2 - M);
-  *t = a * (*t + (*m - M) * *l) + b * (t2 + (m2 - M) * l2);
+  // A part whose max is so far below M that its weight is 0 drops out whole ((m - M) l may overflow).
+  *t = (a > T(0) ? a * (*t + (*m - M) * *l) : T(0)) + (b > T(0) ? b * (t2 + (m2 - M) * l2) : T(0));
   *l = a * *l + b * l2;
   *m = M;
 }
 
 // Folds one tile row into (m, l, t): the tile's own max and sums (reduced LANES-wise, then across lanes in a
-// fixed order), merged into the running values.
+// fixed order), merged into the running values. An entry of probability 0 (z = -inf, or z - max overflowing to
+// -inf) adds e d = 0 to t: p log p = 0 at p = 0. A tile whose every logit is -inf has max -inf and is skipped by
+// merge_stats.
 template <typename T>
 __attribute__((always_inline)) inline void row_stats_impl(const T* z, int64_t n, T* m, T* l, T* t) {
   T mx[LANES];
@@ -140,14 +143,14 @@ __attribute__((always_inline)) inline void row_stats_impl(const T* z, int64_t n,
       const T d = z[v + k] - mt;
       const T e = exp_approx(d);
       sl[k] += e;
-      st[k] += e * d;
+      st[k] += e > T(0) ? e * d : T(0);
     }
   }
   for (int64_t k = 0; v + k < n; ++k) {
     const T d = z[v + k] - mt;
     const T e = exp_approx(d);
     sl[k] += e;
-    st[k] += e * d;
+    st[k] += e > T(0) ? e * d : T(0);
   }
   T lt = 0, tt = 0;
   for (int64_t k = 0; k < LANES; ++k) {
@@ -166,13 +169,14 @@ __attribute__((always_inline)) inline void row_grad_impl(T* z, int64_t n, T lse,
     for (int64_t v = 0; v < n; ++v) {
       const T p = exp_approx(z[v] - lse);
       const T th = z[v] * inv_c;  // tanh(u / c) = z T / c
-      const T dz = (v == y ? g : T(0)) - g * p - e * p * (z[v] - spz);
+      const T dz = (v == y ? g : T(0)) - g * p - e * (p > T(0) ? p * (z[v] - spz) : T(0));
       z[v] = dz * outer * (T(1) - th * th);
     }
   } else {
     for (int64_t v = 0; v < n; ++v) {
       const T p = exp_approx(z[v] - lse);
-      const T dz = (v == y ? g : T(0)) - g * p - e * p * (z[v] - spz);
+      // p (z - sum_pz) = 0 where p = 0, as in the forward (z = -inf would give 0 * -inf)
+      const T dz = (v == y ? g : T(0)) - g * p - e * (p > T(0) ? p * (z[v] - spz) : T(0));
       z[v] = dz * outer;
     }
   }

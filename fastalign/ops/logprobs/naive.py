@@ -39,7 +39,10 @@ def linear_logprobs(hidden, weight, targets, bias=None, temperature=1.0, softcap
     logprobs = torch.where(valid, logp.gather(-1, safe_targets[:, None].long()).squeeze(-1), 0.0)
     if not return_entropy:
         return logprobs
-    entropy = torch.where(valid, -(logp.exp() * logp).sum(-1), 0.0)
+    # p log p = 0 at p = 0 (a -inf logit): log p is replaced before the product, so neither the value nor the
+    # gradient sees 0 * -inf
+    p = logp.exp()
+    entropy = torch.where(valid, -(p * torch.where(p > 0, logp, 0.0)).sum(-1), 0.0)
     return logprobs, entropy
 
 
@@ -80,7 +83,8 @@ def linear_logprobs_fwd(hidden, weight, targets, bias, params):
         lse[rows] = m.squeeze(-1).double() + s.log().double()
         z_target[rows] = torch.where(owned[rows], z.gather(-1, local[rows, None]).squeeze(-1), 0.0)
         if sum_pz is not None:
-            sum_pz[rows] = m.squeeze(-1).double() + ((e * (z - m)).sum(-1) / s).double()
+            # p (z - m) = 0 where p = 0: z = -inf, or z - m overflowing to -inf (p log p = 0 at p = 0)
+            sum_pz[rows] = m.squeeze(-1).double() + ((e * torch.where(e > 0, z - m, 0.0)).sum(-1) / s).double()
     return lse, z_target, sum_pz
 
 
@@ -106,8 +110,9 @@ def linear_logprobs_bwd(hidden, weight, targets, bias, lse, sum_pz, grad_logprob
         dz = -g[:, None] * p
         mine = owned[rows].nonzero().squeeze(-1)
         dz[mine, local[rows][mine]] += g[mine]
-        if grad_entropy is not None:
-            dz -= grad_entropy[rows].to(acc)[:, None] * p * (z - sum_pz[rows].to(acc)[:, None])
+        if grad_entropy is not None:  # (z - sum_pz) taken as 0 where p = 0, as in the forward
+            centred = torch.where(p > 0, z - sum_pz[rows].to(acc)[:, None], 0.0)
+            dz -= grad_entropy[rows].to(acc)[:, None] * p * centred
         ds = dz / params.temperature
         if params.softcap is not None:
             ds = ds * (1 - (z * (params.temperature / params.softcap)) ** 2)

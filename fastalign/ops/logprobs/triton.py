@@ -143,13 +143,18 @@ def _fwd_kernel(p_h, p_w, p_b, p_t, p_lse, p_zt, p_spz, N, V, D, stride_h, strid
         # m_v: a target of another shard may fall in this block's padding, where z is -inf
         b_zt += tl.sum(tl.where((o_v[None, :] == b_y[:, None]) & m_v[None, :], b_z, 0.0), axis=1)
         b_m_new = tl.maximum(b_m, tl.max(b_z, axis=1))
-        b_alpha = tl.exp(b_m - b_m_new)
-        b_p = tl.exp(b_z - b_m_new[:, None])
+        # A row whose logits so far are all -inf (masked entries) has m' = -inf: exponents are taken relative to
+        # 0 instead, so exp(-inf - -inf) = NaN never occurs (s and t stay 0; nothing else changes).
+        b_m_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_alpha = tl.exp(b_m - b_m_ref)
+        b_p = tl.exp(b_z - b_m_ref[:, None])
         if ENTROPY:
-            # t = sum exp(z - m)(z - m); a new max m' rescales it to alpha (t + (m - m') s).
+            # t = sum exp(z - m)(z - m); a new max m' rescales it to alpha (t + (m - m') s). An entry with p = 0
+            # (z = -inf, or z - m' overflowing) adds p (z - m') = 0: p log p = 0 at p = 0.
+            # alpha = 0 (the old max far below the new one) drops the old t whole: (m - m') s may overflow.
             b_shift = tl.where(b_s > 0, b_m - b_m_new, 0.0)
-            b_zr = tl.where(m_v[None, :], b_z - b_m_new[:, None], 0.0)
-            b_t = b_alpha * (b_t + b_shift * b_s) + tl.sum(b_p * b_zr, axis=1)
+            b_zr = tl.where(b_p > 0, b_z - b_m_ref[:, None], 0.0)
+            b_t = tl.where(b_alpha > 0, b_alpha * (b_t + b_shift * b_s), 0.0) + tl.sum(b_p * b_zr, axis=1)
         b_s = b_s * b_alpha + tl.sum(b_p, axis=1)
         b_m = b_m_new
     # lse and sum_pz in float64: entropy = lse - sum_pz = log(s) - t / s then loses nothing to cancellation
@@ -170,8 +175,8 @@ def _grad_logit_tile(b_z, b_tanh, b_y, o_v, m_n, m_v, b_lse, b_spz, b_g, b_e, sc
     b_p = tl.where(m_nv, tl.exp(b_zs - b_lse[:, None]), 0.0)
     # dz_v = g (1[v = y] - p_v) - e p_v (z_v - sum_pz)
     b_dz = tl.where(o_v[None, :] == b_y[:, None], b_g[:, None], 0.0) - b_g[:, None] * b_p
-    if ENTROPY:
-        b_dz -= b_e[:, None] * b_p * (b_zs - b_spz[:, None])
+    if ENTROPY:  # (z - sum_pz) taken as 0 where p = 0, as in the forward (z = -inf would give 0 * -inf)
+        b_dz -= b_e[:, None] * b_p * tl.where(b_p > 0, b_zs - b_spz[:, None], 0.0)
     if HAS_SOFTCAP:
         b_dz = b_dz * (1.0 - b_tanh * b_tanh)
     return tl.where(m_nv, b_dz * (scale * inv_temp), 0.0)
