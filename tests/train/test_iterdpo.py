@@ -200,3 +200,23 @@ def test_cli_help_lists_every_iterdpo_option(capsys):
         main(["iterdpo", "--help"])
     out = capsys.readouterr().out
     assert all(f"--{f.name}" in out for f in dataclasses.fields(IterDPOConfig))
+
+
+def test_iterdpo_on_a_local_hugging_face_model(tmp_path, small_data):
+    """A random-init Qwen2 saved with save_pretrained (untied LM head, another architecture than the embedded
+    Llama), with the embedded tokenizer: a real model starts as it is, no warm start; ref_update=fixed loads it
+    again as the reference."""
+    import transformers
+
+    config = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=103, max_position_embeddings=64,
+                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(str(tmp_path / "qwen2"))
+    over = itd_over(tmp_path, small_data, model=str(tmp_path / "qwen2"), tokenizer="embedded", ref_update="fixed")
+    summary = train_iterdpo(make_config(IterDPOConfig, over, "iterdpo"))
+    assert summary["start_model"] == str(tmp_path / "qwen2")
+    assert [r["pairs"] > 0 for r in summary["per_round"]] == [True, True]
+    final = load_file(str(Path(summary["final_model"]) / "model.safetensors"))
+    start = load_file(str(tmp_path / "qwen2" / "model.safetensors"))
+    assert "lm_head.weight" in final and not torch.equal(final["lm_head.weight"], start["lm_head.weight"])
