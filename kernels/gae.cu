@@ -32,13 +32,26 @@ __device__ __forceinline__ Affine after(Affine here, Affine later) {
   return {here.a * later.a, fmaf(here.a, later.b, here.b)};
 }
 
+// Position p of the mask is valid (nonzero, sign bit aside for floating dtypes). The width is the same for the
+// whole grid, so the switch never diverges.
+__device__ __forceinline__ bool mask_valid(const MaskView& m, int64_t p) {
+  uint64_t bits;
+  switch (m.bytes) {
+    case 1: bits = static_cast<const uint8_t*>(m.data)[p]; break;
+    case 2: bits = static_cast<const uint16_t*>(m.data)[p]; break;
+    case 4: bits = static_cast<const uint32_t*>(m.data)[p]; break;
+    default: bits = static_cast<const uint64_t*>(m.data)[p]; break;
+  }
+  return (bits & m.mag) != 0;
+}
+
 __device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) {
   return v < lo ? lo : (v > hi ? hi : v);
 }
 
 template <typename T, bool HAS_VALUES, bool HAS_MASK, int NT, int K>
 __global__ void __launch_bounds__(NT) gae_kernel(const T* __restrict__ r, const T* __restrict__ v,
-                                                 const bool* __restrict__ m, const int64_t* __restrict__ cu,
+                                                 const MaskView m, const int64_t* __restrict__ cu,
                                                  const float* __restrict__ boot, int64_t T_len, int64_t N,
                                                  float gamma, float lam, float* __restrict__ adv,
                                                  float* __restrict__ ret) {
@@ -59,7 +72,7 @@ __global__ void __launch_bounds__(NT) gae_kernel(const T* __restrict__ r, const 
 
   // f_p for position p of this sequence: identity outside [begin, end) or where masked.
   auto map_at = [&](int64_t p) -> Affine {
-    if (p < begin || p >= end || (HAS_MASK && !m[p])) return {1.0f, 0.0f};
+    if (p < begin || p >= end || (HAS_MASK && !mask_valid(m, p))) return {1.0f, 0.0f};
     const float vp = HAS_VALUES ? to_float(v[p]) : 0.0f;
     return {gl, gamma * (lam * to_float(r[p]) + (1.0f - lam) * vp)};
   };
@@ -98,7 +111,7 @@ __global__ void __launch_bounds__(NT) gae_kernel(const T* __restrict__ r, const 
       const int64_t t = t0 - k;
       x = fmaf(g[k].a, x, g[k].b);  // E_t
       if (t >= begin) {
-        if (HAS_MASK && !m[t]) {
+        if (HAS_MASK && !mask_valid(m, t)) {
           adv[t] = 0.0f;
           if (HAS_VALUES) ret[t] = 0.0f;
         } else {
@@ -115,7 +128,7 @@ __global__ void __launch_bounds__(NT) gae_kernel(const T* __restrict__ r, const 
 }
 
 template <typename T, bool HAS_VALUES, bool HAS_MASK>
-cudaError_t launch(const void* r, const void* v, const bool* m, const int64_t* cu, const float* boot, int64_t S,
+cudaError_t launch(const void* r, const void* v, const MaskView m, const int64_t* cu, const float* boot, int64_t S,
                    int64_t T_len, int64_t N, float gamma, float lam, float* adv, float* ret, cudaStream_t stream) {
   const T* pr = static_cast<const T*>(r);
   const T* pv = static_cast<const T*>(v);
@@ -131,20 +144,20 @@ cudaError_t launch(const void* r, const void* v, const bool* m, const int64_t* c
 }
 
 template <typename T>
-cudaError_t dispatch_flags(const void* r, const void* v, const bool* m, const int64_t* cu, const float* boot,
+cudaError_t dispatch_flags(const void* r, const void* v, const MaskView m, const int64_t* cu, const float* boot,
                            int64_t S, int64_t T_len, int64_t N, float gamma, float lam, float* adv, float* ret,
                            cudaStream_t stream) {
   if (v != nullptr) {
-    return m != nullptr ? launch<T, true, true>(r, v, m, cu, boot, S, T_len, N, gamma, lam, adv, ret, stream)
+    return m.data != nullptr ? launch<T, true, true>(r, v, m, cu, boot, S, T_len, N, gamma, lam, adv, ret, stream)
                         : launch<T, true, false>(r, v, m, cu, boot, S, T_len, N, gamma, lam, adv, ret, stream);
   }
-  return m != nullptr ? launch<T, false, true>(r, v, m, cu, boot, S, T_len, N, gamma, lam, adv, ret, stream)
+  return m.data != nullptr ? launch<T, false, true>(r, v, m, cu, boot, S, T_len, N, gamma, lam, adv, ret, stream)
                       : launch<T, false, false>(r, v, m, cu, boot, S, T_len, N, gamma, lam, adv, ret, stream);
 }
 
 }  // namespace
 
-cudaError_t gae(const void* rewards, const void* values, DType dtype, const bool* mask, const int64_t* cu_seqlens,
+cudaError_t gae(const void* rewards, const void* values, DType dtype, MaskView mask, const int64_t* cu_seqlens,
                 const float* bootstrap, int64_t num_seqs, int64_t T, int64_t N, float gamma, float lam,
                 float* advantages, float* returns, cudaStream_t stream) {
   if (num_seqs == 0 || N == 0) return cudaSuccess;

@@ -21,6 +21,16 @@ kernels::DType kernel_dtype(const at::Tensor& x) {
   }
 }
 
+// The mask as the kernel reads it, in its own dtype (no conversion pass): elements of its width, valid where
+// nonzero with the sign bit of floating dtypes cleared (so -0.0 is 0), as on the CPU.
+kernels::MaskView mask_view(const at::Tensor& m) {
+  if (!m.defined()) return {nullptr, 1, 0};
+  const int bytes = static_cast<int>(m.element_size());
+  const uint64_t all = bytes == 8 ? ~uint64_t(0) : (uint64_t(1) << (8 * bytes)) - 1;
+  const uint64_t mag = at::isFloatingType(m.scalar_type()) ? all >> 1 : all;
+  return {m.data_ptr(), bytes, mag};
+}
+
 void gae_cuda_impl(const at::Tensor& rewards, const c10::optional<at::Tensor>& values,
                    const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& cu_seqlens,
                    const c10::optional<at::Tensor>& bootstrap, double gamma, double lam, int64_t S, at::Tensor& adv,
@@ -35,7 +45,7 @@ void gae_cuda_impl(const at::Tensor& rewards, const c10::optional<at::Tensor>& v
   adv = new_output(r.sizes(), r.options().dtype(at::kFloat));
   if (ret != nullptr) *ret = new_output(r.sizes(), r.options().dtype(at::kFloat));
   const cudaError_t err = kernels::gae(
-      r.data_ptr(), v.defined() ? v.data_ptr() : nullptr, kernel_dtype(r), m.defined() ? m.data_ptr<bool>() : nullptr,
+      r.data_ptr(), v.defined() ? v.data_ptr() : nullptr, kernel_dtype(r), mask_view(m),
       cu.defined() ? cu.data_ptr<int64_t>() : nullptr, boot.defined() ? boot.data_ptr<float>() : nullptr, S,
       cu.defined() ? 0 : r.size(1), r.numel(), static_cast<float>(gamma), static_cast<float>(lam),
       adv.data_ptr<float>(), ret != nullptr ? ret->data_ptr<float>() : nullptr, c10::cuda::getCurrentCUDAStream());

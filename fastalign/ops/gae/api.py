@@ -43,9 +43,29 @@ def _check_unit(x, name: str) -> float:
     return x
 
 
+def _offsets_from_sequence(cu_seqlens, device) -> torch.Tensor:
+    """``cu_seqlens`` given as a list/tuple of Python ints -> an int64 tensor on the device of ``rewards``."""
+    for i, x in enumerate(cu_seqlens):
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise TypeError(f"cu_seqlens given as a {type(cu_seqlens).__name__} must hold ints; got "
+                            f"{type(x).__name__} {x!r} at position {i}")
+    return torch.tensor([int(x) for x in cu_seqlens], dtype=torch.int64, device=device)
+
+
+def _check_zero_one(mask: torch.Tensor) -> None:
+    """Raise unless every element of a (CPU) mask is 0 or 1: the check the cpp kernel makes in its own pass."""
+    bad = (mask != 0) & (mask != 1)
+    if bad.any():
+        at = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"mask must hold only 0 and 1; got {mask[at].item()} at index {at}")
+
+
 def _prepare(rewards, values, mask, cu_seqlens, bootstrap, gamma, lam, impl, op):
-    """Validate, then return contiguous kernel inputs (bool mask, float32 bootstrap) and the params."""
+    """Validate, then return contiguous kernel inputs (the mask in its own dtype, float32 bootstrap) and the
+    params."""
     check_tensor(rewards, "rewards", dtypes=FLOAT_DTYPES)
+    if isinstance(cu_seqlens, (list, tuple)):
+        cu_seqlens = _offsets_from_sequence(cu_seqlens, rewards.device)
     if values is not None:
         check_tensor(values, "values", dtypes=FLOAT_DTYPES)
         if values.shape != rewards.shape:
@@ -79,12 +99,12 @@ def _prepare(rewards, values, mask, cu_seqlens, bootstrap, gamma, lam, impl, op)
                              f"got shape {tuple(bootstrap.shape)}")
     device = check_same_device(rewards=rewards, values=values, mask=mask, cu_seqlens=cu_seqlens,
                                bootstrap=bootstrap)
-    if mask is not None and mask.dtype != torch.bool:
-        if device.type == "cpu" and ((mask != 0) & (mask != 1)).any():
-            bad = ((mask != 0) & (mask != 1)).nonzero()[0].tolist()
-            raise ValueError(f"mask must hold only 0 and 1; got {mask[tuple(bad)].item()} at index {tuple(bad)}")
-        mask = mask != 0
     impl = resolve_impl(impl, device, op=op, impls=IMPLS)
+    # Every impl reads the mask in its own dtype (no conversion pass): nonzero = valid. The cpp kernel checks for
+    # values other than 0/1 in the same pass; for the torch impl and Triton on CPU (interpreted) it is checked
+    # here; on CUDA it is not checked (a host sync).
+    if mask is not None and mask.dtype != torch.bool and device.type == "cpu" and impl != "cpp":
+        _check_zero_one(mask)
     if cu_seqlens is not None and impl == "torch":
         check_cu_seqlens(cu_seqlens, rewards.numel())
     if values is not None and values.dtype != rewards.dtype and impl in ("cpp", "cuda"):
@@ -132,11 +152,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, *, mask: torch.Tensor | Non
     Args:
         rewards: ``[B, T]`` per-token rewards (padded), or ``[N]`` packed tokens with ``cu_seqlens``.
         values: the critic's values, same shape as ``rewards``.
-        mask: padded layout only: ``[B, T]`` 0/1 (bool, integer or float) marking valid tokens; None = all valid.
-            A value other than 0/1 raises on CPU tensors; on CUDA it is not checked (no host sync) and any
-            nonzero counts as valid.
+        mask: padded layout only: ``[B, T]`` 0/1 marking valid tokens, in any of bool, uint8, int8, int16, int32,
+            int64 (a Hugging Face ``attention_mask``), float16, bfloat16, float32, float64; None = all valid. It is
+            read in its own dtype (no conversion pass), and every dtype gives bitwise the same outputs. A value
+            other than 0/1 (NaN included; -0.0 is 0) raises on CPU tensors; on CUDA it is not checked (no host
+            sync) and any nonzero counts as valid.
         cu_seqlens: packed layout: ``[S + 1]`` int32/int64 offsets (start at 0, non-decreasing, end at ``N``;
-            checked on CPU tensors only).
+            checked on CPU tensors only), or a list/tuple of ints (made an int64 tensor on ``rewards``' device).
         gamma: discount in [0, 1]. lam: GAE lambda in [0, 1].
         bootstrap: ``[B]`` (or ``[S]``) value after each sequence's last valid token; None = 0 (terminated).
         impl: ``"auto"``, ``"torch"``, ``"triton"``, ``"cpp"`` or ``"cuda"`` (see ``fastalign._backend``).

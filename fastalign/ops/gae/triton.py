@@ -61,8 +61,9 @@ def gae_kernel(p_r, p_v, p_m, p_cu, p_boot, p_adv, p_ret, T, gamma, lam,
             b_v = tl.zeros([BT], dtype=tl.float32)
             b_vn = tl.zeros([BT], dtype=tl.float32)
         if HAS_MASK:
-            valid = m_t & (tl.load(p_m + o_t, mask=m_t, other=0) != 0)
-            valid_n = m_n & (tl.load(p_m + o_t + 1, mask=m_n, other=0) != 0)
+            # Compared in float32: exact for 0/1 in every dtype, and -0.0 is 0 (raw bf16 bits would say otherwise).
+            valid = m_t & (tl.load(p_m + o_t, mask=m_t, other=0).to(tl.float32) != 0.0)
+            valid_n = m_n & (tl.load(p_m + o_t + 1, mask=m_n, other=0).to(tl.float32) != 0.0)
         else:
             valid = m_t
             valid_n = m_n
@@ -81,6 +82,11 @@ def gae_kernel(p_r, p_v, p_m, p_cu, p_boot, p_adv, p_ret, T, gamma, lam,
 
 def _block(max_len: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(max(1, max_len))))
+
+
+def _mask_arg(mask):
+    # The kernel reads the mask in its own dtype (nonzero = valid); bool goes in as its bytes.
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
 def _launch(rewards, values, mask, cu_seqlens, bootstrap, gamma: float, lam: float, block: int | None = None):
@@ -103,7 +109,7 @@ def _launch(rewards, values, mask, cu_seqlens, bootstrap, gamma: float, lam: flo
     dummy = adv
     gae_kernel[(S,)](
         rewards, values if values is not None else dummy,
-        mask.view(torch.uint8) if mask is not None else dummy,
+        _mask_arg(mask) if mask is not None else dummy,
         cu_seqlens if cu_seqlens is not None else dummy,
         bootstrap if bootstrap is not None else dummy,
         adv, ret if ret is not None else dummy, T, float(gamma), float(lam),
@@ -142,7 +148,8 @@ def _(rewards, mask, cu_seqlens, bootstrap, gamma):
 
 def gae_fwd(rewards, values, mask, cu_seqlens, bootstrap, gamma: float, lam: float, block: int | None = None):
     """``(advantages, returns)`` in float32; ``returns`` is None when ``values`` is None (discounted returns are
-    then ``advantages``). Inputs contiguous; ``mask`` bool or None; ``bootstrap`` float32 or None. Goes through
+    then ``advantages``). Inputs contiguous; ``mask`` None or of any dtype (read as is, nonzero = valid);
+    ``bootstrap`` float32 or None. Goes through
     the ops ``fastalign::gae_triton`` / ``fastalign::discounted_returns_triton``; ``block`` (tests only) overrides
     the tile length (a power of two, to chain many tiles on short sequences) and launches directly."""
     if block is not None:
