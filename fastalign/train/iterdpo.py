@@ -158,6 +158,10 @@ def train_iterdpo(cfg: IterDPOConfig) -> dict:
     prompt_stream = BatchStream(len(prompts), cfg.seed, rank=run.rank, world=run.world)
     start, before, rounds = 0, {}, []
     if state is not None:
+        if state["steps_per_round"] != per_round:  # max_steps may change on resume, but not the rounds' length
+            raise ConfigError(f"iterdpo: max_steps / rounds must stay {state['steps_per_round']} steps per round on "
+                              f"resume (the checkpoint's); got max_steps={cfg.max_steps} for rounds={cfg.rounds}: "
+                              f"{per_round} per round")
         start, prompt_stream.consumed, before = state["step"], state["prompts_consumed"], state["before"]
         rounds = list(state["rounds"])
         if start % per_round == 0:  # at a round's end: the next round starts afresh, from the saved RNG
@@ -225,6 +229,7 @@ def train_iterdpo(cfg: IterDPOConfig) -> dict:
             if done == last or run.every(cfg.save_steps, done):
                 run.save(done, lm, tok, opt, sched, stream.consumed, {
                     "before": before, "rounds": rounds, "prompts_consumed": prompt_stream.consumed,
+                    "steps_per_round": per_round,
                     "round": None if done == last else rnd.state(), "bco": None if bco is None else bco.state_dict()})
             run.advance(done)
 

@@ -145,6 +145,8 @@ def test_killed_run_resumes_bitwise_at_a_rounds_end(tmp_path, small_data):
     proc = subprocess.run([sys.executable, str(KILL_AT_STEP), "2", "iterdpo", *[f"{k}={v}" for k, v in cut.items()]],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
+    with pytest.raises(ConfigError, match="must stay 2 steps per round on resume"):  # 8 / 2: rounds of 4 steps
+        train_iterdpo(make_config(IterDPOConfig, {**cut, "resume": "latest", "max_steps": 8}, "iterdpo"))
     summary = train_iterdpo(make_config(IterDPOConfig, {**cut, "resume": "latest"}, "iterdpo"))
     a = load_file(str(Path(whole["output_dir"]) / "final" / "model.safetensors"))
     b = load_file(str(Path(summary["final_model"]) / "model.safetensors"))
