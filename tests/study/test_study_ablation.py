@@ -4,6 +4,7 @@ stopped without rerunning finished rows."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,36 +48,38 @@ def test_options_of_each_row_match_the_plan():
             ablation.make_plan(ablation.parser().parse_args(bad))
 
 
-def test_tiny_study_end_to_end_then_killed_and_continued(tmp_path):
-    proc = study(tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_tiny_study_killed_continued_and_rerun(tmp_path):
+    """A study killed once its DPO row is done continues, with the same arguments, where it stopped; its outputs
+    are written; a row whose runs are removed is run again and gives the same held-out measures (seeded runs)."""
+    proc = study(tmp_path, popen=True)
+    deadline, done = time.time() + 600, []
+    while time.time() < deadline and proc.poll() is None and not done:
+        done = list((tmp_path / "runs").glob("*/seed0/dpo/eval.json")) if (tmp_path / "runs").exists() else []
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert done, "the DPO row never finished: " + proc.stdout.read()[-3000:]
+    assert not (tmp_path / "out").exists()
+
+    resumed = study(tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "seed 0 SFT: done earlier" in resumed.stdout and "seed 0 DPO: done earlier" in resumed.stdout
+    assert "seed 0 GRPO: fastalign grpo" in resumed.stdout
     result = json.loads((tmp_path / "out" / "study_ablation.json").read_text())
     assert list(result["summary"]) == [row.name for row in ablation.ROWS]
     for name, s in result["summary"].items():
         assert 0.0 <= s["exact_match"]["mean"] <= 1.0 and 0.0 <= s["reward"]["mean"] <= 1.0, name
+        assert s["cpu_seconds"]["mean"] > 0, name
     assert result["summary"]["SFT"]["kl_to_sft"]["mean"] == 0.0  # the start against itself
     assert (tmp_path / "out" / "study_ablation.png").stat().st_size > 10_000
     assert "| + EMA reference |" in (tmp_path / "out" / "study_ablation.md").read_text()
 
-    # a second study in a fresh folder, killed once its DPO row is done, then run again with the same arguments
-    again = tmp_path / "again"
-    proc = study(again, popen=True)
-    deadline, dirs = time.time() + 600, []
-    while time.time() < deadline:
-        dirs = list((again / "runs").glob("*/seed0/dpo/eval.json")) if (again / "runs").exists() else []
-        if dirs:
-            break
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert dirs, "the DPO row never finished"
-    assert not (again / "out").exists()
-    resumed = study(again)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "seed 0 SFT: done earlier" in resumed.stdout and "seed 0 DPO: done earlier" in resumed.stdout
-    assert "seed 0 GRPO: fastalign grpo" in resumed.stdout
-    first = json.loads((tmp_path / "out" / "study_ablation.json").read_text())["summary"]
-    second = json.loads((again / "out" / "study_ablation.json").read_text())["summary"]
-    for name in first:  # the same seeded runs: the same held-out measures, however the study was interrupted
-        for k in ("exact_match", "reward", "kl_to_sft"):
-            assert first[name][k]["values"] == pytest.approx(second[name][k]["values"], abs=1e-12), (name, k)
+    (seed_dir,) = (tmp_path / "runs").glob("*/seed0")
+    shutil.rmtree(seed_dir / "grpo")
+    (seed_dir / "grpo.time.json").unlink()
+    again = study(tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "seed 0 GRPO: fastalign grpo" in again.stdout and "seed 0 PPO (baseline): done earlier" in again.stdout
+    rerun = json.loads((tmp_path / "out" / "study_ablation.json").read_text())["summary"]["GRPO"]
+    for k in ("exact_match", "reward", "kl_to_sft"):
+        assert rerun[k]["values"] == pytest.approx(result["summary"]["GRPO"][k]["values"], abs=1e-12), k
