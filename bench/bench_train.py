@@ -340,6 +340,7 @@ def run(device: str, quick: bool, out: Path) -> list[dict]:
                     row["tokens_per_s"] = round(tokens / (row["ms"] / 1e3), 1)
                     row["peak_mib"] = statistics.median(x["peak_mib"] for x in runs)
                     row["peak_mib_runs"] = [x["peak_mib"] for x in runs]
+                    row["ms_runs"] = [round(statistics.median(x["step_ms"]), 1) for x in runs]  # per round
                 rows.append(row)
             trl_row = next(x for x in rows[-2:] if x["provider"] == "trl")
             for x in rows[-2:]:
