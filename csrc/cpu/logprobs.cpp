@@ -201,9 +201,11 @@ void row_grad(double* z, int64_t n, double lse, double spz, double g, double e, 
 template <typename scalar_t, typename acc_t>
 struct Plan {
   const scalar_t* h;  // [N, D]
-  const scalar_t* w;  // [V, D]
+  const scalar_t* w;  // [V, D], element (v, d) at w[v * w_s0 + d * w_s1]
   const scalar_t* b;  // [V] or null
   int64_t N, D, V, vocab_start;
+  int64_t w_s0, w_s1;
+  bool w_direct;  // the weight is acc_t and contiguous: its tiles are used in place
   Opts opts;
   std::vector<int64_t> rows;  // indices of the rows whose target is not ignore_index
   std::vector<int64_t> ylocal;  // their target - vocab_start
@@ -224,17 +226,21 @@ struct Plan {
     }
   }
 
-  // Pointer to tile `tile` of the weight in acc_t: the weight itself, or its upcast into `buf` [BV, D].
+  // Pointer to tile `tile` of the weight in acc_t, row-major [nv, D]: the weight itself (w_direct), or its
+  // upcast / strided copy into `buf` [BV, D] (an expanded weight, stride 0, is read in place tile by tile).
   const acc_t* weight_tile(int64_t tile, acc_t* buf) const {
-    const scalar_t* src = w + tile * BV * D;
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      (void)buf;
-      return src;
+    if (w_direct) return reinterpret_cast<const acc_t*>(w + tile * BV * D);
+    const int64_t nv = tile_rows(tile);
+    if (w_s1 == 1) {
+      for (int64_t v = 0; v < nv; ++v) {
+        const scalar_t* src = w + (tile * BV + v) * w_s0;
+        for (int64_t d = 0; d < D; ++d) buf[v * D + d] = static_cast<acc_t>(src[d]);
+      }
     } else {
-      const int64_t n = tile_rows(tile) * D;
-      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(src[i]);
-      return buf;
+      for (int64_t v = 0; v < nv; ++v)
+        for (int64_t d = 0; d < D; ++d) buf[v * D + d] = static_cast<acc_t>(w[(tile * BV + v) * w_s0 + d * w_s1]);
     }
+    return buf;
   }
 
   // Processed logits of the block's rows for one tile: tile_out [BN, nv] (nv = tile_rows(tile)).
@@ -264,6 +270,9 @@ Plan<scalar_t, acc_t> make_plan(const at::Tensor& hidden, const at::Tensor& weig
   p.N = hidden.size(0);
   p.D = hidden.size(1);
   p.V = weight.size(0);
+  p.w_s0 = weight.stride(0);
+  p.w_s1 = weight.stride(1);
+  p.w_direct = std::is_same_v<scalar_t, acc_t> && weight.is_contiguous();
   p.vocab_start = vocab_start;
   p.opts = opts;
   const int64_t* y = targets.data_ptr<int64_t>();
@@ -297,7 +306,7 @@ void fwd_kernel(const Plan<scalar_t, acc_t>& p, double* lse, acc_t* zt, double* 
     p.load_block(blk, hblk.data());
     std::fill(zt_blk.begin(), zt_blk.end(), acc_t(0));
     at::parallel_for(0, S, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<acc_t> tile(BN * BV), wbuf(std::is_same_v<scalar_t, acc_t> ? 0 : BV * D);
+      std::vector<acc_t> tile(BN * BV), wbuf(p.w_direct ? 0 : BV * D);
       for (int64_t c = c0; c < c1; ++c) {
         acc_t* st = stats.data() + c * BN * 3;
         for (int64_t r = 0; r < BN; ++r) {
@@ -343,7 +352,7 @@ void bwd_kernel(const Plan<scalar_t, acc_t>& p, const acc_t* lse, const acc_t* s
     const int64_t nr = p.block_rows(blk);
     p.load_block(blk, hblk.data());
     at::parallel_for(0, S, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<acc_t> tile(BN * BV), wbuf(std::is_same_v<scalar_t, acc_t> ? 0 : BV * D);
+      std::vector<acc_t> tile(BN * BV), wbuf(p.w_direct ? 0 : BV * D);
       for (int64_t c = c0; c < c1; ++c) {
         acc_t* dh = partial.data() + c * BN * D;
         std::fill(dh, dh + nr * D, acc_t(0));
@@ -395,7 +404,10 @@ Opts check_common(const at::Tensor& hidden, const at::Tensor& weight, const at::
                 hidden.scalar_type(), "); got ", weight.scalar_type());
   FA_CHECK_VALUE(weight.size(1) == hidden.size(1), "weight must be [V, D] with D = hidden.size(1) = ",
                  hidden.size(1), "; got shape ", weight.sizes());
-  FA_CHECK_VALUE(weight.size(0) >= 1, "weight must hold at least one vocabulary row; got shape ", weight.sizes());
+  FA_CHECK_VALUE(weight.size(0) >= 1, "weight must hold at least one vocabulary row (V >= 1); got shape ",
+                 weight.sizes());
+  FA_CHECK_VALUE(hidden.size(1) >= 1, "hidden must have a hidden size D = hidden.size(1) >= 1; got shape ",
+                 hidden.sizes());
   check_dim(targets, "targets", 1);
   check_index(targets, "targets");
   FA_CHECK_VALUE(targets.size(0) == hidden.size(0), "targets must be [N] with N = hidden.size(0) = ",
@@ -423,6 +435,13 @@ Opts check_common(const at::Tensor& hidden, const at::Tensor& weight, const at::
   return Opts{temperature, softcap.value_or(0.0), logit_scale};
 }
 
+// The weight as the kernels read it: itself when contiguous or expanded (a zero stride: read tile by tile, never
+// materialized; 4 bytes expanded to [V, D] stay 4 bytes), else a contiguous copy (the size of its own storage).
+at::Tensor weight_operand(const at::Tensor& weight) {
+  if (weight.is_contiguous() || weight.stride(0) == 0 || weight.stride(1) == 0) return weight;
+  return weight.contiguous();
+}
+
 // A per-row tensor of the backward: [N], float32 or float64; returned contiguous in the accumulation type.
 at::Tensor per_row(const at::Tensor& t, const char* name, int64_t N, at::ScalarType acc, const at::Tensor& hidden) {
   check_dim(t, name, 1);
@@ -447,7 +466,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(
     int64_t ignore_index, int64_t vocab_start, int64_t vocab_size) {
   const Opts opts =
       check_common(hidden, weight, targets, bias, temperature, softcap, logit_scale, vocab_start, vocab_size);
-  const at::Tensor h = hidden.contiguous(), w = weight.contiguous(), y = targets.to(at::kLong).contiguous();
+  const at::Tensor h = hidden.contiguous(), w = weight_operand(weight), y = targets.to(at::kLong).contiguous();
   const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : bias;
   const int64_t N = h.size(0);
   const auto acc = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -471,7 +490,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
       check_common(hidden, weight, targets, bias, temperature, softcap, logit_scale, vocab_start, vocab_size);
   FA_CHECK_VALUE(!grad_entropy.has_value() || sum_pz.has_value(),
                  "sum_pz must be given with grad_entropy (the entropy's gradient needs it); got None");
-  const at::Tensor h = hidden.contiguous(), w = weight.contiguous(), y = targets.to(at::kLong).contiguous();
+  const at::Tensor h = hidden.contiguous(), w = weight_operand(weight), y = targets.to(at::kLong).contiguous();
   const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : bias;
   const int64_t N = h.size(0), V = w.size(0), D = h.size(1);
   const auto acc = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

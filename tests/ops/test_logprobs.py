@@ -420,3 +420,26 @@ def test_triton_kernels_compile_for_gpus(arch, tmp_path):
     out = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU, str(arch)], capture_output=True, text=True,
                          env=env, timeout=600)
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+
+
+def _degenerate_calls():
+    h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, -100, 9])
+    return [
+        ("D=0", (torch.randn(4, 0), torch.randn(10, 0), t), {}, ValueError,
+         r"hidden must have a hidden size D = hidden.shape\[-1\] >= 1; got shape \(4, 0\)"),
+        ("V=0", (h, torch.randn(0, 8), torch.full((4,), -100)), {}, ValueError,
+         r"weight must hold at least one vocabulary row \(V >= 1\); got shape \(0, 8\)"),
+        ("ignore_index 2**63", (h, w, t), {"ignore_index": 2**63}, ValueError,
+         r"ignore_index must be an integer in \[-2\*\*63, 2\*\*63\); got 9223372036854775808"),
+        ("ignore_index float", (h, w, t), {"ignore_index": -100.5}, TypeError,
+         "ignore_index must be an integer; got float"),
+    ]
+
+
+@pytest.mark.parametrize("case", _degenerate_calls(), ids=lambda c: c[0])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_degenerate_shapes_and_options_raise_the_same_clear_error_on_every_impl(impl, case, impl_on):
+    impl_on(impl, "cpu")
+    _, args, kwargs, error, match = case
+    with pytest.raises(error, match=match):
+        linear_logprobs(*args, impl=impl, **kwargs)

@@ -406,3 +406,34 @@ def test_property_shapes_and_options_match_reference(n, d, v, bias, temperature,
     h, w, y, b = _inputs(n, d, v, torch.float32, bias=bias, ignore_frac=ignore_frac)
     params = LogprobsParams(return_entropy=True, temperature=temperature, softcap=softcap)
     _check_against_reference(h, w, y, b, params, name=f"n={n} d={d} v={v}")
+
+
+@pytest.mark.parametrize("expand", ["row", "scalar", "column"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_expanded_weight_is_read_in_place_not_copied(dtype, expand):
+    """A weight with a zero stride (``expand``ed from one row, one element or one column) is read tile by tile:
+    no allocation reaches half of a [V, D] float32 copy (it used to be copied whole: 8 GiB from 4 bytes), and the
+    results equal those of the materialized weight."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n, d, v = 70, 64, 8192
+    src = {"row": torch.randn(1, d), "scalar": torch.randn(1, 1), "column": torch.randn(v, 1)}[expand].to(dtype)
+    w = src.expand(v, d)
+    h = torch.randn(n, d, dtype=dtype, requires_grad=True)
+    y = torch.randint(0, v, (n,))
+    opts = dict(return_entropy=True, softcap=5.0, impl="cpp")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        lp, ent = api.linear_logprobs(h, w, y, **opts)
+        gh, = torch.autograd.grad((lp + ent).sum(), h)
+    assert max(e.cpu_memory_usage for e in prof.events()) < v * d * 4 // 2
+    lp2, ent2 = api.linear_logprobs(h, w.contiguous(), y, **opts)
+    gh2, = torch.autograd.grad((lp2 + ent2).sum(), h)
+    for got, want in ((lp, lp2), (ent, ent2), (gh, gh2)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_raw_ops_reject_zero_hidden_size():
+    match = r"hidden must have a hidden size D = hidden.size\(1\) >= 1; got shape \[4, 0\]"
+    with pytest.raises(ValueError, match=match):
+        torch.ops.fastalign.linear_logprobs_fwd(torch.randn(4, 0), torch.randn(10, 0), torch.zeros(4).long(), None,
+                                                1.0, None, 1.0, -100, 0, 0)

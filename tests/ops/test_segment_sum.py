@@ -91,3 +91,18 @@ def test_cuda_impl_never_runs_the_cpu_kernel(monkeypatch):
     monkeypatch.setattr(api, "resolve_impl", lambda impl, device, op, impls: impl)
     with pytest.raises(ValueError, match="the cuda impl of segment_sum takes CUDA tensors; got values on cpu"):
         segment_sum(x, cu, impl="cuda")
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_cu_seqlens_as_a_list_of_ints_works_and_anything_else_is_a_clear_error(impl, impl_on):
+    impl_on(impl, "cpu")
+    x = torch.randn(10)
+    want = segment_sum(x, torch.tensor([0, 4, 10]), impl=impl)
+    assert torch.equal(segment_sum(x, [0, 4, 10], impl=impl), want)
+    assert torch.equal(segment_sum(x, (0, 4, 10), impl=impl), want)
+    with pytest.raises(TypeError, match=r"cu_seqlens given as a list must hold ints; got \[0, 4.0, 10\]"):
+        segment_sum(x, [0, 4.0, 10], impl=impl)
+    with pytest.raises(ValueError, match="cu_seqlens must end at the number of tokens"):
+        segment_sum(x, [0, 4, 9], impl=impl)
+    with pytest.raises(TypeError, match="cu_seqlens must be a torch.Tensor; got str"):
+        segment_sum(x, "0,4,10", impl=impl)

@@ -31,6 +31,7 @@ ranks).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass, field, replace
@@ -70,6 +71,10 @@ def _check_args(hidden, weight, targets, bias, params: LogprobsParams):
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be [V, D] with D = hidden.shape[-1] = {hidden.shape[-1]}; "
                          f"got shape {tuple(weight.shape)}")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have a hidden size D = hidden.shape[-1] >= 1; got shape {tuple(hidden.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must hold at least one vocabulary row (V >= 1); got shape {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}; "
                          f"got {tuple(targets.shape)}")
@@ -89,6 +94,15 @@ def _check_args(hidden, weight, targets, bias, params: LogprobsParams):
         raise ValueError(f"logit_scale must be finite; got {params.logit_scale}")
     if targets.numel():
         _check_targets(targets, params.vocab_size or weight.shape[0], params.ignore_index)
+
+
+def _check_ignore_index(ignore_index) -> int:
+    """``ignore_index`` as an int64 value (targets are compared with it as int64 on every impl)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an integer; got {type(ignore_index).__name__}")
+    if not -2**63 <= int(ignore_index) < 2**63:
+        raise ValueError(f"ignore_index must be an integer in [-2**63, 2**63); got {ignore_index}")
+    return int(ignore_index)
 
 
 def _check_targets(targets, V: int, ignore_index: int) -> None:
@@ -283,7 +297,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
         vocab_size = weight.shape[0] * dist.get_world_size(process_group) if isinstance(weight, torch.Tensor) else 0
     params = LogprobsParams(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
-                            logit_scale=float(logit_scale), ignore_index=int(ignore_index),
+                            logit_scale=float(logit_scale), ignore_index=_check_ignore_index(ignore_index),
                             return_entropy=bool(return_entropy),
                             deterministic=bool(deterministic) or torch.are_deterministic_algorithms_enabled(),
                             vocab_size=vocab_size, process_group=process_group)

@@ -52,9 +52,10 @@ def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor, *, impl: str = "
 
     Args:
         values: ``[N]`` float32/bfloat16/float16/float64, the tokens of all sequences back to back.
-        cu_seqlens: ``[S + 1]`` int32/int64 offsets: sequence ``s`` is ``values[cu_seqlens[s]:cu_seqlens[s+1]]``.
-            Must start at 0, be non-decreasing and end at ``N`` (checked for CPU tensors; on CUDA the kernel
-            clamps offsets to ``[0, N]`` instead of checking, to avoid a host sync).
+        cu_seqlens: ``[S + 1]`` int32/int64 offsets, or a list/tuple of ints: sequence ``s`` is
+            ``values[cu_seqlens[s]:cu_seqlens[s+1]]``. Must start at 0, be non-decreasing and end at ``N``
+            (checked for CPU tensors; on CUDA the kernel clamps offsets to ``[0, N]`` instead of checking, to
+            avoid a host sync).
         impl: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"cuda"`` (see ``fastalign._backend``).
 
     Returns:
@@ -65,7 +66,11 @@ def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor, *, impl: str = "
         tensor([3., 3.])
     """
     check_tensor(values, "values", ndim=1, dtypes=FLOAT_DTYPES)
+    if isinstance(cu_seqlens, (list, tuple)):  # offsets as Python ints (as gae takes them)
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in cu_seqlens):
+            raise TypeError(f"cu_seqlens given as a list must hold ints; got {list(cu_seqlens)!r}")
+        cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.int64, device=values.device)
+    check_cu_seqlens(cu_seqlens, values.numel())  # (first: it checks that cu_seqlens is a tensor)
     device = check_same_device(values=values, cu_seqlens=cu_seqlens)
-    check_cu_seqlens(cu_seqlens, values.numel())
     params = SegmentSumParams(impl=resolve_impl(impl, device, op="segment_sum", impls=("torch", "cpp", "cuda")))
     return SegmentSumFunction.apply(values, cu_seqlens, params)
