@@ -130,11 +130,10 @@ def run(device: str, quick: bool, out) -> list[dict]:
     _harness.add_ratios(rows, floor={"fwd": "copy"}, key=lambda r: r["case"])
     trl = {r["case"]: r["ms"] for r in rows if r["provider"] == "trl-loop" and r.get("ms")}
     for r in rows:
-        if r.get("ms"):
+        if r.get("ms") and r["provider"] != "copy":
             if r["case"] in trl:
                 r["x_trl"] = trl[r["case"]] / r["ms"]
-            if r["provider"] != "copy":
-                r["GB/s"] = r["B"] * r["T"] * BYTES_PER_TOKEN / (r["ms"] * 1e-3) / 1e9
+            r["GB/s"] = r["B"] * r["T"] * BYTES_PER_TOKEN / (r["ms"] * 1e-3) / 1e9
     return rows
 
 
