@@ -244,11 +244,12 @@ def summarize(results: dict) -> dict:
 
 def markdown(summary: dict, plan: Plan, header: str) -> str:
     lines = [header, "",
-             "| row | held-out exact match | held-out reward (sampled) | KL to SFT | wall / CPU time (s) | study: "
-             "HH-RLHF reward | study: APPS intro pass@5 |",
-             "|---|---|---|---|---|---|---|"]
+             "| row | held-out exact match | per seed | held-out reward (sampled) | KL to SFT | wall / CPU time (s) | "
+             "study: HH-RLHF reward | study: APPS intro pass@5 |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         cells = [f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" for k in ("exact_match", "reward", "kl_to_sft")]
+        cells.insert(1, " / ".join(f"{v:.3f}" for v in s["exact_match"]["values"]))
         theirs = STUDY_TABLES["rows"].get(name, {})
         study = [("—" if theirs.get(k) is None else f"{theirs[k]:g}" + ("%" if k == "apps_intro_pass5" else ""))
                  for k in ("hh_rlhf_reward", "apps_intro_pass5")]
@@ -354,7 +355,10 @@ def main(argv=None) -> int:
     summary = summarize(results)
     import fastalign
 
+    runs = [r for rows in results.values() for r in rows]
     result = {"command": "fastalign study ablation " + " ".join(argv), "seconds": time.perf_counter() - start,
+              "runs_wall_seconds_total": sum(r["seconds"] for r in runs),
+              "runs_cpu_seconds_total": sum(r["cpu_seconds"] for r in runs),
               "plan": {"seeds": plan.seeds, "samples": plan.samples, "sft_steps": plan.sft_steps,
                        "dpo_steps": plan.dpo_steps, "iter_rounds": plan.iter_rounds,
                        "iter_round_steps": plan.iter_round_steps, "eval_samples_per_prompt": plan.eval_samples},
@@ -369,6 +373,8 @@ def main(argv=None) -> int:
              f"completions per online run")
     (args.out / f"{args.name}.md").write_text(markdown(summary, plan, f"# {title}"))
     plot(summary, args.out / f"{args.name}.png", title)
-    log(markdown(summary, plan, f"fastalign study ablation: {result['seconds']:.0f} s"))
+    log(markdown(summary, plan, f"fastalign study ablation: {result['seconds']:.0f} s now; its runs took "
+                                f"{result['runs_wall_seconds_total']:.0f} s of wall time and "
+                                f"{result['runs_cpu_seconds_total']:.0f} s of CPU time in all"))
     log(f"wrote {args.out / args.name}.json, .md and .png")
     return 0
