@@ -166,6 +166,9 @@ class DPOConfig(WarmStartConfig):
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     cpo_alpha: float = 1.0
+    bco_shift: bool = field(default=False, metadata={
+        "help": "loss_type=bco_pair: subtract the running mean of the implicit rewards (the BCO paper, older TRL); "
+                "false: TRL 1.16's bco_pair, without the shift"})
     precompute_ref_log_probs: bool = field(default=False, metadata={
         "help": "score the data with the reference once (cached on disk keyed by model and data) and drop it"})
     sync_ref_model: bool = field(default=False, metadata={

@@ -26,7 +26,8 @@ from fastalign.train.sft import warm_start
 
 def loss_options(cfg: DPOConfig) -> dict:
     return {"beta": cfg.beta, "loss_type": cfg.loss_type, "loss_weights": cfg.loss_weights or None,
-            "label_smoothing": cfg.label_smoothing, "simpo_gamma": cfg.simpo_gamma, "cpo_alpha": cfg.cpo_alpha}
+            "label_smoothing": cfg.label_smoothing, "simpo_gamma": cfg.simpo_gamma, "cpo_alpha": cfg.cpo_alpha,
+            "bco_shift": cfg.bco_shift}
 
 
 def pair_logps(module, batch: dict, run: Run):
@@ -144,7 +145,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     ref = Reference(cfg, run, start_model, resume_path, train, held_out, batcher)
     opt, sched = run.optimizer(policy.parameters())
     stream = BatchStream(len(train), cfg.seed, rank=run.rank, world=run.world)
-    bco = BCORunningMean() if "bco_pair" in cfg.loss_type else None
+    bco = BCORunningMean() if "bco_pair" in cfg.loss_type and cfg.bco_shift else None
 
     def evaluate_now():
         return evaluate(policy, ref.module, held_out, ref.held_out, cfg, run, batcher)

@@ -198,7 +198,7 @@ def train_iterdpo(cfg: IterDPOConfig) -> dict:
             run.log(first + 1, rnd.stats, show=("rollout/reward", "pairs"))
         stream = BatchStream(len(rnd.examples), cfg.seed + r, consumed=state["consumed"] if resumed else 0,
                              rank=run.rank, world=run.world)
-        bco = BCORunningMean() if "bco_pair" in cfg.loss_type else None
+        bco = BCORunningMean() if "bco_pair" in cfg.loss_type and cfg.bco_shift else None
         if bco is not None and resumed and state.get("bco") is not None:
             bco.load_state_dict(state["bco"])
         if not rnd.examples:

@@ -169,3 +169,21 @@ def test_dpo_on_chat_rows(tmp_path, small_data):
     train_dpo(cfg)
     first = train_rows(metrics_of(cfg.output_dir))[0]
     assert first["logps/chosen"] < 0 and first["rewards/margins"] == 0.0
+
+
+def test_bco_pair_is_trls_by_default_and_bco_shift_reaches_the_loss(tmp_path, small_data):
+    """``loss_type=bco_pair``: TRL 1.16's loss (no shift) by default; ``bco_shift=true`` subtracts the running mean
+    of the implicit rewards. At step 1 the policy is its reference (rewards 0, mean 0): both are 2 log 2; once the
+    rewards move, the shift changes the loss."""
+    import math
+
+    from trainhelp import logged
+
+    losses = {}
+    for shift in (False, True):
+        over = quick(tmp_path / str(shift), small_data, "dpo", loss_type="bco_pair", bco_shift=shift, max_steps=3,
+                     learning_rate=1e-2, eval_data="", gen_eval_data="")
+        train_dpo(make_config(DPOConfig, over, "dpo"))
+        losses[shift] = logged(over["output_dir"], "loss").tolist()
+    assert losses[False][0] == pytest.approx(2 * math.log(2), abs=1e-5) == losses[True][0]
+    assert abs(losses[False][2] - losses[True][2]) > 1e-4
