@@ -507,8 +507,8 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def header_line(env: dict) -> str:
-    keys = ["date", "device", "threads", "load_avg_1min", "driver", "python", "torch", "triton", "cuda",
-            "fastalign", "commit", *PEERS]
+    keys = ["date", "device", "threads", "load_avg_1min", "load_avg_1min_end", "driver", "python", "torch", "triton",
+            "cuda", "fastalign", "commit", *PEERS]
     return "; ".join(f"{k} {env[k]}" for k in keys if env.get(k) is not None)
 
 
@@ -664,7 +664,8 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 - one benchmark's crash must not lose the others
             traceback.print_exc()
             rows = [{"provider": name, "error": describe_error(e)}]
-        write_benchmark(out, name, module, rows, env | {"load_avg_1min": round(os.getloadavg()[0], 2)}
+        # load_avg_1min stays the run's start (before its own processes); the end's counts them too
+        write_benchmark(out, name, module, rows, env | {"load_avg_1min_end": round(os.getloadavg()[0], 2)}
                         if args.device == "cpu" else env, ceil, time.perf_counter() - t0)
         done[name] = round(time.perf_counter() - t0, 1)
         print(markdown_table(rows, getattr(module, "COLUMNS", DEFAULT_COLUMNS)), flush=True)

@@ -92,8 +92,8 @@ def _section(title: str, name: str, runs: dict[str, Path]) -> str:
         cores = re.search(r"(\d+) cores", env.get("device", ""))
         if env.get("load_avg_1min") and cores and env["load_avg_1min"] > 0.5 * int(cores.group(1)):
             out.append(f"**Noisy**: the machine was shared with other jobs (load average {env['load_avg_1min']} on "
-                       f"{cores.group(1)} cores at the end): take the times as the size of the gaps, and the "
-                       "ratios within this interleaved run as the firmer figures.\n")
+                       f"{cores.group(1)} cores when the run started): take the times as the size of the gaps, and "
+                       "the ratios within this interleaved run as the firmer figures.\n")
         columns = record.get("columns") or DEFAULT_COLUMNS
         out.append(markdown_table(record["rows"], columns))
         if record.get("notes"):
