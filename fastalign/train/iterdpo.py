@@ -188,9 +188,12 @@ def train_iterdpo(cfg: IterDPOConfig) -> dict:
             per_prompt, tied, from_data = round_pairs(ro, scores, cfg, reward, tok)
             ref = (seq if cfg.ref_update == "round" else fixed_ref) if needs_ref else None
             local = [e for group in per_prompt for e in group]
-            ref_lp = score_pairs(ref, local, run, 64, batcher) if ref is not None and local else None
-            examples = [e for group in gather_prompts(run, per_prompt) for e in group]
-            ref_logps = None if ref is None else _stack(gather_prompts(run, _split(per_prompt, ref_lp)))
+            ref_rows = iter(score_pairs(ref, local, run, 64, batcher).tolist() if ref is not None and local else [])
+            with_ref = [[(e, next(ref_rows, None)) for e in group] for group in per_prompt]  # (pair, its ref logps)
+            gathered = [x for group in gather_prompts(run, with_ref) for x in group]
+            examples = [e for e, _ in gathered]
+            ref_logps = None if ref is None else torch.tensor([r for _, r in gathered],
+                                                              dtype=torch.float32).view(-1, 2)
             tied, from_data, total, n = run.sum_all(tied, from_data, float(scores.double().sum()), scores.numel())
             rnd = RoundState(examples, ref_logps, {
                 "round": r + 1, "rollout/reward": total / n, "pairs": len(examples), "pairs/tied_prompts": tied,
@@ -242,17 +245,3 @@ def train_iterdpo(cfg: IterDPOConfig) -> dict:
     return run.finish(summary, [["loss"], ["rewards/accuracies"], ["rewards/margins"], ["rollout/reward"],
                                 ["pairs", "pairs/tied_prompts", "pairs/from_data"], ["eval_exact_match"]])
 
-
-def _split(per_prompt: list[list], values):
-    """``values`` ``[n, ...]`` (the examples of ``per_prompt`` laid end to end) split back per prompt, as lists of
-    rows (None: None per prompt)."""
-    out, k = [], 0
-    for group in per_prompt:
-        out.append(None if values is None else values[k:k + len(group)].tolist())
-        k += len(group)
-    return out
-
-
-def _stack(per_prompt: list) -> torch.Tensor:
-    rows = [row for group in per_prompt if group for row in group]
-    return torch.tensor(rows, dtype=torch.float32).view(-1, 2)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainhelp import torchrun
+from trainhelp import tiny_qwen2, torchrun
 
 import fastalign.train.grpo as grpo_module
 from fastalign.train import GRPOConfig, train_grpo
@@ -295,13 +295,7 @@ def test_ddp_equals_one_process(tmp_path, small_data):
 def test_grpo_on_a_local_hugging_face_model(tmp_path, small_data):
     """A random-init Qwen2 saved with save_pretrained (untied LM head), with the embedded tokenizer: no warm start,
     the first minibatch exactly on-policy, the LM head trained."""
-    import transformers
-
-    config = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=103, max_position_embeddings=64,
-                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(str(tmp_path / "qwen2"))
+    tiny_qwen2(tmp_path / "qwen2")
     over = grpo_over(tmp_path, small_data, model=str(tmp_path / "qwen2"), tokenizer="embedded", beta=0.05)
     summary = train_grpo(make_config(GRPOConfig, over, "grpo"))
     assert summary["start_model"] == str(tmp_path / "qwen2")

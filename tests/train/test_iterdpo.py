@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainhelp import quick, torchrun
+from trainhelp import quick, tiny_qwen2, torchrun
 
 from fastalign.train import IterDPOConfig, RMConfig, train_iterdpo, train_rm
 from fastalign.train.config import ConfigError, make_config
@@ -208,13 +208,7 @@ def test_iterdpo_on_a_local_hugging_face_model(tmp_path, small_data):
     """A random-init Qwen2 saved with save_pretrained (untied LM head, another architecture than the embedded
     Llama), with the embedded tokenizer: a real model starts as it is, no warm start; ref_update=fixed loads it
     again as the reference."""
-    import transformers
-
-    config = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=103, max_position_embeddings=64,
-                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(str(tmp_path / "qwen2"))
+    tiny_qwen2(tmp_path / "qwen2")
     over = itd_over(tmp_path, small_data, model=str(tmp_path / "qwen2"), tokenizer="embedded", ref_update="fixed")
     summary = train_iterdpo(make_config(IterDPOConfig, over, "iterdpo"))
     assert summary["start_model"] == str(tmp_path / "qwen2")

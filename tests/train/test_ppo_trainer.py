@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainhelp import quick, write_jsonl
+from trainhelp import quick, tiny_qwen2, write_jsonl
 
 import fastalign.train.ppo as ppo_module
 from fastalign.testing import assert_close_to_ref
@@ -199,12 +199,7 @@ def test_two_process_gloo_ppo_matches_single_process(tmp_path, small_data, distr
 
 
 def test_ppo_on_a_local_hugging_face_model(tmp_path, small_data):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=103, max_position_embeddings=64,
-                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(str(tmp_path / "qwen2"))
+    tiny_qwen2(tmp_path / "qwen2")
     over = ppo_over(tmp_path, small_data, model=str(tmp_path / "qwen2"), tokenizer="embedded", max_steps=2)
     summary = train_ppo(make_config(PPOConfig, over, "ppo"))
     assert summary["start_model"] == str(tmp_path / "qwen2")  # a real model starts as it is: no warm start

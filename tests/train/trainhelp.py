@@ -19,6 +19,20 @@ def write_jsonl(path, rows) -> str:
     return str(path)
 
 
+def tiny_qwen2(directory) -> str:
+    """Save a random-init Qwen2 (seed 0; untied LM head, the embedded tokenizer's 103 ids) with save_pretrained in
+    ``directory``: a local Hugging Face model of another architecture than the embedded Llama. Returns its path."""
+    import torch
+    import transformers
+
+    config = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=103, max_position_embeddings=64,
+                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(str(directory))
+    return str(directory)
+
+
 def quick(tmp_path, data, kind: str, **over) -> dict:
     """Overrides for a few-step run on the small data, without progress bar, plots or TensorBoard."""
     base = {"data": data["sft" if kind == "sft" else "pref"], "output_dir": str(tmp_path / f"run_{kind}"),
